@@ -1,0 +1,1 @@
+"""Pure stages that write instruction data (teacher conversations, absent-object negatives)."""

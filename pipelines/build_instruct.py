@@ -1,0 +1,76 @@
+"""The Ray job: crawl the URL list with img2dataset, then run the stage list on Ray Data.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python pipelines/build_instruct.py --config configs/sample.yaml
+
+Writes `<output_root>/<name>/<version>/` with `records/` (kept rows, images included),
+`dropped/` (every dropped row with its stage and reason), `config.yaml` and `manifest.json`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
+
+from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
+from pipelines.crawl import crawl, read_shard  # noqa: E402
+from pipelines.run import RunDirectory, build_manifest, format_summary, summarize  # noqa: E402
+from pipelines.url_list import shard_count_for  # noqa: E402
+from pipelines.stages import StageBatches, records_to_table, stage_factories  # noqa: E402
+from schemas.config import PipelineConfig  # noqa: E402
+from schemas.records import KEEP  # noqa: E402
+
+
+class ShardReader:
+    """Ray Data batch function: shard ids in, that shard's record rows out."""
+
+    def __init__(self, shards: Path, url_list: Path):
+        self.shards, self.url_list = shards, url_list
+
+    def __call__(self, batch: dict) -> "pa.Table":  # noqa: F821
+        import pyarrow as pa
+
+        tables = [records_to_table(read_shard(self.shards, int(i), self.url_list)) for i in batch["shard_id"]]
+        return pa.concat_tables(tables)
+
+
+def run(config: PipelineConfig) -> dict:
+    import json
+
+    import ray
+
+    run_dir = RunDirectory.open(config, engine="ray")
+    if run_dir.complete:
+        print(f"{run_dir.final} is complete already; not overwriting it (change the config for a new version).")
+        return json.loads((run_dir.final / "manifest.json").read_text())
+    start = time.perf_counter()
+    num_rows = run_dir.prepare()
+    num_shards = shard_count_for(num_rows, config.crawl.shard_size)
+    ray.init(address=config.ray.address, ignore_reinit_error=True)
+    crawl(config.crawl, run_dir.url_list, run_dir.shards, distributor="ray")
+
+    ds = ray.data.from_items([{"shard_id": i} for i in range(num_shards)], override_num_blocks=num_shards)
+    ds = ds.map_batches(ShardReader(run_dir.shards, run_dir.url_list), batch_size=1, batch_format="numpy")
+    for name, factory in stage_factories(config):
+        ds = ds.map_batches(StageBatches(name, factory), batch_size=config.validate_.batch_size, batch_format="pyarrow")
+    ds = ds.materialize()
+    ds.filter(expr=f"status == '{KEEP}'").write_parquet(str(run_dir.work / "records"))
+    ds.filter(expr=f"status != '{KEEP}'").drop_columns(["image"]).write_parquet(str(run_dir.work / "dropped"))
+
+    counts = summarize(run_dir.work / "records", run_dir.work / "dropped", num_rows)
+    manifest = build_manifest(run_dir, counts, time.perf_counter() - start, {"ray_stats": ds.stats()})
+    final = run_dir.finalize(manifest)
+    print(format_summary(manifest))
+    print(f"output: {final}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    exit_on_user_error(lambda: run(parse_config(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The same stage list as an Apache Beam pipeline (DirectRunner here; Dataflow/Flink/Spark flags pass through).
+
+    python pipelines/build_instruct_beam.py --config configs/sample.yaml
+    python pipelines/build_instruct_beam.py --config configs/sample.yaml --shards-from outputs/sample/<version>/shards
+    python pipelines/build_instruct_beam.py --config my.yaml -- --runner DataflowRunner --project P --region R ...
+
+Without `--shards-from` it crawls with img2dataset's multiprocessing distributor first.
+Outputs are laid out exactly as the Ray job's.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
+
+from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
+from pipelines.crawl import crawl, read_shard  # noqa: E402
+from pipelines.run import RunDirectory, build_manifest, format_summary, summarize  # noqa: E402
+from pipelines.stages import RECORD_SCHEMA, StageBatches, stage_factories  # noqa: E402
+from pipelines.url_list import shard_count_for  # noqa: E402
+from schemas.config import PipelineConfig  # noqa: E402
+from schemas.errors import UserError  # noqa: E402
+from schemas.records import KEEP  # noqa: E402
+
+
+def _stage_dofn(beam, batches: StageBatches):
+    class StageDoFn(beam.DoFn):
+        """Builds the stage (and its model, if any) once per worker in setup()."""
+
+        def setup(self):
+            batches.setup()
+
+        def process(self, rows):
+            for record in batches.run(rows):
+                yield record.model_dump()
+
+    return StageDoFn()
+
+
+def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None = None) -> dict:
+    import json
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    run_dir = RunDirectory.open(config, engine="beam")
+    if run_dir.complete:
+        print(f"{run_dir.final} is complete already; not overwriting it (change the config for a new version).")
+        return json.loads((run_dir.final / "manifest.json").read_text())
+    start = time.perf_counter()
+    num_rows = run_dir.prepare(probe_hosts=shards_from is None)  # reused shards need no host
+    shards = run_dir.shards
+    if shards_from is not None:
+        shards = Path(shards_from).resolve()
+        if not shards.is_dir():
+            raise UserError(f"--shards-from {shards} is not a directory of img2dataset shards.")
+    else:
+        crawl(config.crawl, run_dir.url_list, shards, distributor="multiprocessing")
+
+    if not any(a.startswith("--runner") for a in beam_args):
+        beam_args = ["--runner", "DirectRunner", *beam_args]  # Prism, Beam's new default, downloads a binary
+    url_list, records_dir, dropped_dir = run_dir.url_list, run_dir.work / "records", run_dir.work / "dropped"
+    with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+        rows = (
+            pipeline
+            | "Shards" >> beam.Create(list(range(shard_count_for(num_rows, config.crawl.shard_size))))
+            | "ReadShard" >> beam.FlatMap(lambda i: [r.model_dump() for r in read_shard(shards, i, url_list)])
+        )
+        for name, factory in stage_factories(config):
+            size = config.validate_.batch_size
+            rows = (
+                rows
+                | f"Batch{name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+                | f"Stage{name}" >> beam.ParDo(_stage_dofn(beam, StageBatches(name, factory)))
+            )
+        _ = (rows | "Kept" >> beam.Filter(lambda r: r["status"] == KEEP)
+             | "WriteRecords" >> beam.io.WriteToParquet(str(records_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
+        _ = (rows | "Dropped" >> beam.Filter(lambda r: r["status"] != KEEP)
+             | "WriteDropped" >> beam.io.WriteToParquet(str(dropped_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
+
+    counts = summarize(records_dir, dropped_dir, num_rows)
+    manifest = build_manifest(run_dir, counts, time.perf_counter() - start, {"shards": str(shards)})
+    final = run_dir.finalize(manifest)
+    print(format_summary(manifest))
+    print(f"output: {final}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--shards-from", type=Path, default=None, help="reuse img2dataset shards crawled by an earlier run")
+    args, beam_args = p.parse_known_args(argv)
+    beam_args = [a for a in beam_args if a != "--"]
+    exit_on_user_error(lambda: run(parse_config(args), beam_args, args.shards_from))
+
+
+if __name__ == "__main__":
+    main()

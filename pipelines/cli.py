@@ -1,0 +1,30 @@
+"""Shared command line: `--config FILE` plus any number of `--set section.field=value` overrides."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from schemas.config import PipelineConfig, load_config
+from schemas.errors import UserError
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default="configs/sample.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set crawl.timeout=5 (repeatable)")
+    return p
+
+
+def parse_config(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config, args.overrides)
+
+
+def exit_on_user_error(main: Callable[[], object]) -> None:
+    """Runs `main`; a UserError ends the process with its one sentence and status 2, no traceback."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,133 @@
+"""Run directories, versions and the manifest.
+
+A run writes into `<output_root>/<name>/<version>.partial/` and is renamed to
+`<output_root>/<name>/<version>/` only when everything, manifest last, is written: a directory
+without `.partial` is complete, and a later run never overwrites it. A re-run of the same
+config and inputs finds the `.partial` directory and resumes (img2dataset skips done shards).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipelines.url_list import file_sha256, prepare_url_list
+from schemas.config import PipelineConfig, save_config
+from schemas.records import reason_kind
+
+
+def code_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class RunDirectory:
+    config: PipelineConfig
+    engine: str
+    version: str
+    final: Path
+    work: Path
+    url_list_sha256: str
+
+    @classmethod
+    def open(cls, config: PipelineConfig, engine: str) -> "RunDirectory":
+        """Checks the URL list (raises UserError with one sentence) and picks the version directory."""
+        source = Path(config.crawl.url_list)
+        url_sha = file_sha256(source) if source.is_file() else "missing"
+        digest = hashlib.sha256(f"{config.fingerprint()}|{url_sha}|{engine}".encode()).hexdigest()
+        version = f"v-{digest[:12]}"
+        final = Path(config.output_root).resolve() / config.name / version
+        return cls(config, engine, version, final, final.with_name(version + ".partial"), url_sha)
+
+    @property
+    def complete(self) -> bool:
+        return (self.final / "manifest.json").exists()
+
+    @property
+    def url_list(self) -> Path:
+        return self.work / "urls.parquet"
+
+    @property
+    def shards(self) -> Path:
+        return self.work / "shards"
+
+    def prepare(self, probe_hosts: bool = True) -> int:
+        """Checks the URL list (and that its hosts answer, before anything is crawled), creates the work
+        directory with the resolved config and the uid'ed URL list; returns the row count."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.work / "config.yaml")
+        hosts = self.config.crawl.preflight_hosts if probe_hosts else 0
+        return prepare_url_list(self.config.crawl.url_list, self.url_list, hosts, self.config.crawl.shard_size)
+
+    def finalize(self, manifest: dict) -> Path:
+        (self.work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        self.work.rename(self.final)
+        return self.final
+
+
+STAGE_ORDER = ("crawl", "validate")
+
+
+def summarize(records_dir: Path, dropped_dir: Path, input_rows: int) -> dict:
+    """Counts per stage and per reason, from what was written (so Ray and Beam are counted alike)."""
+    kept = _rows(records_dir, ["uid"])
+    dropped = _rows(dropped_dir, ["uid", "stage", "reason"])
+    by_stage: dict[str, Counter] = {}
+    for row in dropped:
+        by_stage.setdefault(row["stage"], Counter())[reason_kind(row["reason"])] += 1
+    stages, remaining = {}, input_rows
+    for name in list(STAGE_ORDER) + sorted(set(by_stage) - set(STAGE_ORDER)):
+        reasons = by_stage.get(name, Counter())
+        lost = sum(reasons.values())
+        stages[name] = {"in": remaining, "kept": remaining - lost, "dropped": lost, "reasons": dict(sorted(reasons.items()))}
+        remaining -= lost
+    return {
+        "input_urls": input_rows,
+        "kept": len(kept),
+        "dropped": len(dropped),
+        "accounted": len(kept) + len(dropped) == input_rows,
+        "stages": stages,
+    }
+
+
+def _rows(directory: Path, columns: list[str]) -> list[dict]:
+    files = sorted(directory.glob("*.parquet")) if directory.exists() else []
+    return [row for f in files for row in pq.read_table(f, columns=columns).to_pylist()]
+
+
+def build_manifest(run: RunDirectory, counts: dict, seconds: float, extra: dict | None = None) -> dict:
+    return {
+        "name": run.config.name,
+        "version": run.version,
+        "engine": run.engine,
+        "config": run.config.to_dict(),
+        "config_sha256": run.config.fingerprint(),
+        "url_list": {"path": str(Path(run.config.crawl.url_list).resolve()), "sha256": run.url_list_sha256},
+        "code_revision": code_revision(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 2),
+        "counts": counts,
+        **(extra or {}),
+    }
+
+
+def format_summary(manifest: dict) -> str:
+    counts = manifest["counts"]
+    lines = [f"{manifest['name']} {manifest['version']} ({manifest['engine']}): "
+             f"{counts['input_urls']} URLs in, {counts['kept']} kept, {counts['dropped']} dropped"]
+    for stage, info in counts["stages"].items():
+        lines.append(f"  {stage:<10} in {info['in']:>7}  kept {info['kept']:>7}  dropped {info['dropped']:>6}")
+        for reason, n in sorted(info["reasons"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"      {n:>7}  {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Pipeline configuration: one pydantic model, loaded from YAML, overridden with `--set a.b=value`.
+
+The resolved config is saved next to every output and its hash names the dataset version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorldConfig(_Section):
+    """The embedded sample world (rendered scenes served on loopback); ignored for real URL lists."""
+
+    dir: str = "data/world"
+    num_images: int = Field(default=1000, ge=10, description="training images crawled")
+    num_val: int = Field(default=100, ge=0, description="held-out images, never in the URL list")
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: int = Field(default=8731, ge=1, le=65535)
+    slow_seconds: float = Field(default=6.0, gt=0, description="how long 'slow' fault URLs stall")
+
+
+class CrawlConfig(_Section):
+    """img2dataset settings. Images are stored as downloaded (no re-encoding): validate decodes them."""
+
+    url_list: str = "data/world/urls.parquet"
+    timeout: float = Field(default=2.0, gt=0, description="seconds per request")
+    retries: int = Field(default=0, ge=0)
+    processes: int = Field(default=2, ge=1)
+    threads: int = Field(default=32, ge=1)
+    shard_size: int = Field(default=1000, ge=1, description="URLs per img2dataset shard")
+    preflight_hosts: int = Field(default=16, ge=0, description="distinct hosts probed before crawling")
+
+
+class ValidateConfig(_Section):
+    min_side: int = Field(default=32, ge=1)
+    # Checked from the header before decoding, so a 20000x20000 'bomb' is never decoded.
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    max_aspect_ratio: float = Field(default=4.0, ge=1.0)
+    max_caption_chars: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+
+
+class RayConfig(_Section):
+    address: str = "auto"
+
+
+class PipelineConfig(_Section):
+    name: str = Field(default="sample", pattern=r"^[A-Za-z0-9._-]+$")
+    output_root: str = "outputs"
+    world: WorldConfig = WorldConfig()
+    crawl: CrawlConfig = CrawlConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    ray: RayConfig = RayConfig()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the data; where outputs go and which cluster runs it do not."""
+        semantic = {k: v for k, v in self.to_dict().items() if k not in ("output_root", "ray")}
+        return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """`crawl.timeout=5` -> tree["crawl"]["timeout"] = 5 (the value is parsed as YAML)."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path.strip():
+        raise UserError(f"Override {assignment!r} is not of the form section.field=value.")
+    node = tree
+    *parents, leaf = path.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"Override {assignment!r}: {part!r} is a value, not a section.")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    extra = f" ({len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"Unknown config field {where!r}; check the spelling against configs/sample.yaml{extra}."
+    return f"Bad config value {where}={first.get('input')!r}: {first['msg']}{extra}."
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Config file {path} does not exist; pass --config with a YAML file such as configs/sample.yaml.")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"Config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"Config file {path} must hold a mapping of sections, not {type(tree).__name__}.")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(describe_validation_error(err)) from None
+
+
+def save_config(config: PipelineConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))

@@ -1,0 +1,79 @@
+"""Records that flow between stages.
+
+Every input URL becomes one `ImageRecord`; a stage either keeps it or drops it with
+a reason (`decode_error:...`, `pixels_too_large:...`), so nothing vanishes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+KEEP = "ok"
+DROP = "dropped"
+
+
+def reason_kind(reason: str) -> str:
+    """`download_error:http_404` -> `download_error:http_404`; `decode_error:<pillow text>` -> `decode_error`.
+
+    Reasons are `<kind>[:<detail>]`; a few kinds carry a well-known sub-kind that we keep
+    (`download_error:<class>`), the rest keep only the kind so counts stay small.
+    """
+    kind, _, detail = reason.partition(":")
+    if kind == "download_error" and detail:
+        return f"{kind}:{detail.split(':')[0]}"
+    return kind
+
+
+class ImageRecord(BaseModel):
+    """One image-caption pair, from URL list row to validated image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uid: str
+    url: str
+    caption: str | None = None
+    key: str | None = None  # img2dataset's key inside its shard
+    sha256: str | None = None  # of the downloaded bytes, before any re-encoding
+    width: int | None = None
+    height: int | None = None
+    status: Literal["ok", "dropped"] = KEEP
+    reason: str | None = None
+    stage: str | None = None  # the stage that dropped it
+    image: bytes | None = Field(default=None, repr=False)  # encoded image (RGB JPEG/PNG once validated)
+
+    @model_validator(mode="after")
+    def _dropped_has_reason(self) -> "ImageRecord":
+        if self.status == DROP and not self.reason:
+            raise ValueError(f"record {self.uid} is dropped without a reason")
+        return self
+
+    def dropped(self, stage: str, reason: str) -> "ImageRecord":
+        return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason, "image": None})
+
+
+class ObjectAnnotation(BaseModel):
+    """An object in an image: a category and a normalized box [x0, y0, x1, y1] in 0..1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: str
+    box: tuple[float, float, float, float]
+    score: float = Field(default=1.0, ge=0.0, le=1.0)
+    source: Literal["annotation", "clip_zero_shot"] = "annotation"
+
+    @model_validator(mode="after")
+    def _box_is_ordered_and_normalized(self) -> "ObjectAnnotation":
+        x0, y0, x1, y1 = self.box
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise ValueError(f"box {self.box} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        return self
+
+
+@dataclass
+class StageResult:
+    """What a stage returns for a batch: the records it keeps and those it drops (each with a reason)."""
+
+    kept: list[ImageRecord] = field(default_factory=list)
+    dropped: list[ImageRecord] = field(default_factory=list)

@@ -1,0 +1,39 @@
+"""Shared fixtures: one small sample world, crawled once by the real demo path (real HTTP server,
+real `ray start --head`, real `ray job submit`), whose outputs several tests inspect."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """Runs infra.demo on a 300-image world; returns (run directory, manifest, world directory, overrides)."""
+    from infra.demo import run_demo
+    from infra.local_cluster import head_is_up
+
+    base = tmp_path_factory.mktemp("demo")
+    head_was_up = head_is_up()
+    overrides = [f"world.dir={base / 'world'}", "world.num_images=300", "world.num_val=30",
+                 f"world.port={free_port()}", "world.slow_seconds=4", f"output_root={base / 'outputs'}",
+                 "crawl.shard_size=100", "crawl.timeout=1.5"]
+    final = run_demo(str(REPO / "configs" / "sample.yaml"), overrides)
+    manifest = json.loads((final / "manifest.json").read_text())
+    return {"final": final, "manifest": manifest, "world": base / "world", "overrides": overrides,
+            "head_was_up": head_was_up}
+
+
+def read_dir(directory: Path, columns: list[str] | None = None) -> list[dict]:
+    return [row for f in sorted(directory.glob("*.parquet")) for row in pq.read_table(f, columns=columns).to_pylist()]

@@ -1,0 +1,47 @@
+"""Config: YAML + `--set` overrides of any field, one-sentence errors, a hash that names versions."""
+from __future__ import annotations
+
+import pytest
+
+from schemas.config import load_config
+from schemas.errors import UserError
+from tests.conftest import REPO
+
+SAMPLE = REPO / "configs" / "sample.yaml"
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(SAMPLE, ["crawl.timeout=5", "validate.max_pixels=1000", "name=mine"])
+    assert config.crawl.timeout == 5.0 and config.validate_.max_pixels == 1000 and config.name == "mine"
+
+
+def test_fingerprint_ignores_where_outputs_go_but_not_what_changes_data():
+    base = load_config(SAMPLE)
+    assert base.fingerprint() == load_config(SAMPLE, ["output_root=/elsewhere", "ray.address=ray://x:10001"]).fingerprint()
+    assert base.fingerprint() != load_config(SAMPLE, ["validate.min_side=64"]).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["crawl.timout=5"], "Unknown config field 'crawl.timout'"),
+        (["crawl.timeout=-1"], "Bad config value crawl.timeout=-1"),
+        (["crawl.timeout=soon"], "Bad config value crawl.timeout='soon'"),
+        (["name=has space"], "Bad config value name="),
+        (["crawl"], "is not of the form section.field=value"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(SAMPLE, overrides)
+    text = str(err.value)
+    assert message in text and text.count("\n") == 0 and text.endswith(".")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("crawl: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, read_shard  # noqa: E402
-from pipelines.run import RunDirectory, build_manifest, format_summary, summarize  # noqa: E402
+from pipelines.run import RunDirectory  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from pipelines.stages import StageBatches, records_to_table, stage_factories  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
@@ -37,14 +37,11 @@ class ShardReader:
 
 
 def run(config: PipelineConfig) -> dict:
-    import json
-
     import ray
 
     run_dir = RunDirectory.open(config, engine="ray")
-    if run_dir.complete:
-        print(f"{run_dir.final} is complete already; not overwriting it (change the config for a new version).")
-        return json.loads((run_dir.final / "manifest.json").read_text())
+    if (done := run_dir.existing_manifest()) is not None:
+        return done
     start = time.perf_counter()
     num_rows = run_dir.prepare()
     num_shards = shard_count_for(num_rows, config.crawl.shard_size)
@@ -59,12 +56,7 @@ def run(config: PipelineConfig) -> dict:
     ds.filter(expr=f"status == '{KEEP}'").write_parquet(str(run_dir.work / "records"))
     ds.filter(expr=f"status != '{KEEP}'").drop_columns(["image"]).write_parquet(str(run_dir.work / "dropped"))
 
-    counts = summarize(run_dir.work / "records", run_dir.work / "dropped", num_rows)
-    manifest = build_manifest(run_dir, counts, time.perf_counter() - start, {"ray_stats": ds.stats()})
-    final = run_dir.finalize(manifest)
-    print(format_summary(manifest))
-    print(f"output: {final}")
-    return manifest
+    return run_dir.finish(num_rows, time.perf_counter() - start, {"ray_stats": ds.stats()})
 
 
 def main(argv: list[str] | None = None) -> None:

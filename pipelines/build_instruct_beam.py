@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, read_shard  # noqa: E402
-from pipelines.run import RunDirectory, build_manifest, format_summary, summarize  # noqa: E402
+from pipelines.run import RunDirectory  # noqa: E402
 from pipelines.stages import RECORD_SCHEMA, StageBatches, stage_factories  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
@@ -40,15 +40,12 @@ def _stage_dofn(beam, batches: StageBatches):
 
 
 def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None = None) -> dict:
-    import json
-
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     run_dir = RunDirectory.open(config, engine="beam")
-    if run_dir.complete:
-        print(f"{run_dir.final} is complete already; not overwriting it (change the config for a new version).")
-        return json.loads((run_dir.final / "manifest.json").read_text())
+    if (done := run_dir.existing_manifest()) is not None:
+        return done
     start = time.perf_counter()
     num_rows = run_dir.prepare(probe_hosts=shards_from is None)  # reused shards need no host
     shards = run_dir.shards
@@ -80,12 +77,7 @@ def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None =
         _ = (rows | "Dropped" >> beam.Filter(lambda r: r["status"] != KEEP)
              | "WriteDropped" >> beam.io.WriteToParquet(str(dropped_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
 
-    counts = summarize(records_dir, dropped_dir, num_rows)
-    manifest = build_manifest(run_dir, counts, time.perf_counter() - start, {"shards": str(shards)})
-    final = run_dir.finalize(manifest)
-    print(format_summary(manifest))
-    print(f"output: {final}")
-    return manifest
+    return run_dir.finish(num_rows, time.perf_counter() - start, {"shards": str(shards)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,10 +70,22 @@ class RunDirectory:
         hosts = self.config.crawl.preflight_hosts if probe_hosts else 0
         return prepare_url_list(self.config.crawl.url_list, self.url_list, hosts, self.config.crawl.shard_size)
 
-    def finalize(self, manifest: dict) -> Path:
+    def existing_manifest(self) -> dict | None:
+        """The manifest of a finished run of this version, announced; None when there is work to do."""
+        if not self.complete:
+            return None
+        print(f"{self.final} is complete already; not overwriting it (change the config for a new version).")
+        return json.loads((self.final / "manifest.json").read_text())
+
+    def finish(self, num_rows: int, seconds: float, extra: dict | None = None) -> dict:
+        """Counts what was written, writes the manifest last, renames `.partial` away, prints the summary."""
+        counts = summarize(self.work / "records", self.work / "dropped", num_rows)
+        manifest = build_manifest(self, counts, seconds, extra)
         (self.work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         self.work.rename(self.final)
-        return self.final
+        print(format_summary(manifest))
+        print(f"output: {self.final}")
+        return manifest
 
 
 STAGE_ORDER = ("crawl", "validate")

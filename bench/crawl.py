@@ -1,12 +1,14 @@
 """Crawl benchmark: our crawl + validate against the plain img2dataset CLI, and the sample-world render rate.
 
-    python -m bench.crawl            # full: 5,000-image world (~5,300 URLs), 3 repetitions, ~5 minutes
+    python -m bench.crawl            # full: 5,000-image world (5,300 clean URLs), 5 repetitions, ~8 minutes
     python -m bench.crawl --quick    # smoke run: 1,000-image world, 1 repetition
 
-Both crawl sides run as fresh processes on the same loopback URL list, interleaved (ours, plain,
-ours, plain, ...), each into a fresh output directory; images/s is stored images per wall second
-and the ratio is the median of the per-repetition ratios, so a busy machine slows both alike.
-Prints the figures and writes bench/results/crawl.json.
+"Ours" is what the pipeline runs: prepare_url_list, crawl (img2dataset), then read_shard + the
+validate stage per shard on a pool of one worker per core. "Plain" is the img2dataset CLI with the
+same `img2dataset_arguments`. Both run as fresh processes on the same loopback URL list, interleaved
+(ours, plain, then plain, ours, ...), each into a fresh output directory. images/s is images stored
+(ours: kept by validate; plain: img2dataset successes) per wall second; the ratio is the median of
+the per-repetition ratios, so a busy machine slows both alike. Writes bench/results/crawl.json.
 """
 from __future__ import annotations
 
@@ -59,18 +61,21 @@ def clean_url_list(world_dir: Path, destination: Path) -> int:
     return sum(keep)
 
 
-def crawl_successes(shards_dir: Path) -> int:
-    return sum(json.loads(f.read_text())["successes"] for f in shards_dir.glob("*_stats.json"))
+def crawl_stats(shards_dir: Path) -> dict:
+    """img2dataset's successes, and the epoch times its first shard started and its last one ended."""
+    stats = [json.loads(f.read_text()) for f in shards_dir.glob("*_stats.json")]
+    return {"crawled": sum(s["successes"] for s in stats), "first_shard_start": min(s["start_time"] for s in stats),
+            "last_shard_end": max(s["end_time"] for s in stats)}
 
 
 def _validate_shard(job: tuple[Path, int, Path, ValidateConfig]) -> tuple[Counter, float, float]:
-    """Pool worker, one shard: read it back and validate it, as a Ray/Beam worker does; returns counts and seconds."""
+    """Pool worker, one shard: read it back and validate it, as a Ray/Beam worker does; returns counts and CPU seconds."""
     shards_dir, shard_id, url_list, config = job
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds: the machine is shared, wall time in a worker would count waiting
     records = read_shard(shards_dir, shard_id, url_list)
-    read = time.perf_counter()
+    read = time.process_time()
     out = apply_stage(ImageValidator(config), records)
-    return Counter(r.status for r in out), read - start, time.perf_counter() - read
+    return Counter(r.status for r in out), read - start, time.process_time() - read
 
 
 def run_ours(source: Path, work: Path) -> dict:
@@ -88,7 +93,7 @@ def run_ours(source: Path, work: Path) -> dict:
         for counts, read, validate in pool.imap_unordered(_validate_shard, jobs):
             statuses, read_s, validate_s = statuses + counts, read_s + read, validate_s + validate
     end = time.perf_counter()
-    return {"crawled": crawl_successes(shards), "kept": statuses["ok"], "dropped": statuses["dropped"],
+    return {"kept": statuses["ok"], "dropped": statuses["dropped"],
             "prepare_s": prepared - start, "crawl_s": crawled - prepared, "validate_wall_s": end - crawled,
             "read_shard_cpu_s": read_s, "validate_cpu_s": validate_s}
 
@@ -99,14 +104,19 @@ def plain_command(url_list: Path, shards: Path) -> list[str]:
     return [str(Path(sys.executable).with_name("img2dataset"))] + [f"--{k}={v!r}" for k, v in arguments.items()]
 
 
-def timed(command: list[str], log: Path) -> float:
-    start = time.perf_counter()
+def run_side(command: list[str], shards_dir: Path, log: Path) -> dict:
+    """Runs one side as a fresh process; its wall time split into startup (launch to the first shard's
+    start: imports, sharding, spawning workers), downloading (first shard start to last shard end) and the rest."""
+    launched, start = time.time(), time.perf_counter()
     with open(log, "w") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{command[0]} failed ({done.returncode}); its output is in {log}")
-    return seconds
+    stats = crawl_stats(shards_dir)
+    startup, downloading = stats["first_shard_start"] - launched, stats["last_shard_end"] - stats["first_shard_start"]
+    return {"crawled": stats["crawled"], "seconds": seconds, "startup_s": startup, "downloading_s": downloading,
+            "after_download_s": seconds - startup - downloading}
 
 
 def bench_crawl(num_images: int, repetitions: int, scratch: Path) -> dict:
@@ -122,17 +132,21 @@ def bench_crawl(num_images: int, repetitions: int, scratch: Path) -> dict:
         for rep in range(repetitions):
             ours_dir, plain_dir = scratch / f"ours_{rep}", scratch / f"plain_{rep}"
             ours_dir.mkdir()
-            ours_s = timed([sys.executable, "-m", "bench.crawl", "--ours", str(source), str(ours_dir)], scratch / "ours.log")
-            ours = json.loads((ours_dir / "result.json").read_text())
-            plain_s = timed(plain_command(plain_list, plain_dir / "shards"), scratch / "plain.log")
-            plain = {"crawled": crawl_successes(plain_dir / "shards"), "seconds": plain_s}
-            ours.update(seconds=ours_s)
-            ours_rate, plain_rate = ours["kept"] / ours_s, plain["crawled"] / plain_s
-            reps.append({"ours": ours, "plain": plain, "ours_images_per_s": ours_rate,
+            sides = {"ours": ([sys.executable, "-m", "bench.crawl", "--ours", str(source), str(ours_dir)], ours_dir / "shards"),
+                     "plain": (plain_command(plain_list, plain_dir / "shards"), plain_dir / "shards")}
+            order = ("ours", "plain") if rep % 2 == 0 else ("plain", "ours")  # alternate, so going first favours neither
+            figures = {name: run_side(*sides[name], scratch / f"{name}.log") for name in order}
+            ours, plain = figures["ours"], figures["plain"]
+            ours.update(json.loads((ours_dir / "result.json").read_text()))
+            ours_rate, plain_rate = ours["kept"] / ours["seconds"], plain["crawled"] / plain["seconds"]
+            reps.append({"order": order, "ours": ours, "plain": plain, "ours_images_per_s": ours_rate,
                          "plain_images_per_s": plain_rate, "ratio": ours_rate / plain_rate})
-            print(f"rep {rep + 1}/{repetitions}: ours {ours['kept']} images in {ours_s:.1f}s = {ours_rate:.1f}/s "
-                  f"(crawl {ours['crawl_s']:.1f}s, read+validate {ours['validate_wall_s']:.1f}s); plain "
-                  f"{plain['crawled']} in {plain_s:.1f}s = {plain_rate:.1f}/s; ratio {ours_rate / plain_rate:.3f}", flush=True)
+            print(f"rep {rep + 1}/{repetitions}: ratio {ours_rate / plain_rate:.3f}; ours {ours_rate:.1f} images/s, "
+                  f"plain {plain_rate:.1f} images/s", flush=True)
+            for name, side in (("ours", ours), ("plain", plain)):
+                print(f"  {name:<5} {side['crawled']} crawled in {side['seconds']:.1f}s: startup {side['startup_s']:.1f}s, "
+                      f"downloading {side['downloading_s']:.1f}s, after {side['after_download_s']:.1f}s"
+                      + (f" (read+validate {side['validate_wall_s']:.1f}s, {side['kept']} kept)" if name == "ours" else ""))
             shutil.rmtree(ours_dir), shutil.rmtree(plain_dir)
     ratio = statistics.median(r["ratio"] for r in reps)
     return {"url_count": num_urls, "url_filter": URL_FILTER, "repetitions": repetitions, "per_repetition": reps,
@@ -154,7 +168,7 @@ def bench_render(num_images: int, scratch: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 1,000 images, 1 repetition")
-    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--repetitions", type=int, default=5, help="full run only (default: %(default)s)")
     p.add_argument("--ours", nargs=2, type=Path, metavar=("URL_LIST", "WORK_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.ours:  # child process of one 'ours' repetition

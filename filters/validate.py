@@ -12,24 +12,15 @@ import warnings
 from PIL import Image
 
 from schemas.config import ValidateConfig
-from schemas.records import ImageRecord, StageResult
+from filters.record_filter import RecordFilter
+from schemas.records import ImageRecord
 
 
-class ImageValidator:
+class ImageValidator(RecordFilter):
     name = "validate"
 
     def __init__(self, config: ValidateConfig):
         self.config = config
-
-    def __call__(self, records: list[ImageRecord]) -> StageResult:
-        result = StageResult()
-        for record in records:
-            reason, checked = self.check(record)
-            if reason is None:
-                result.kept.append(checked)
-            else:
-                result.dropped.append(record.dropped(self.name, reason))
-        return result
 
     def check(self, record: ImageRecord) -> tuple[str | None, ImageRecord]:
         """Returns (reason, record): reason is None when the record is kept, then with RGB bytes and size."""

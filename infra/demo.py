@@ -35,7 +35,8 @@ def run_demo(config_path: str, overrides: list[str]) -> Path:
     world_dir = prepare_world(config.world).resolve()
     # The job runs in a copy of the repo (--working-dir), so every path it gets is absolute.
     overrides = [*overrides, f"output_root={Path(config.output_root).resolve()}",
-                 f"crawl.url_list={world_dir / 'urls.parquet'}"]
+                 f"crawl.url_list={world_dir / 'urls.parquet'}",
+                 f"evaluate.noise_manifest={world_dir / 'noise_manifest.parquet'}"]
     config = load_config(config_path, overrides)
     with WorldServer(world_dir, config.world.host, config.world.port, config.world.slow_seconds) as server:
         print(f"serving the sample world at {server.base_url}")

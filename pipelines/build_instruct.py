@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import pyarrow as pa
+import ray
+from ray.data.expressions import col
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
 
@@ -18,7 +23,7 @@ from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, read_shard  # noqa: E402
 from pipelines.run import RunDirectory  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
-from pipelines.stages import StageBatches, records_to_table, stage_factories  # noqa: E402
+from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, records_to_table, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.records import KEEP  # noqa: E402
 
@@ -29,16 +34,29 @@ class ShardReader:
     def __init__(self, shards: Path, url_list: Path):
         self.shards, self.url_list = shards, url_list
 
-    def __call__(self, batch: dict) -> "pa.Table":  # noqa: F821
-        import pyarrow as pa
-
+    def __call__(self, batch: dict) -> pa.Table:
         tables = [records_to_table(read_shard(self.shards, int(i), self.url_list)) for i in batch["shard_id"]]
         return pa.concat_tables(tables)
 
 
-def run(config: PipelineConfig) -> dict:
-    import ray
+def apply_on_ray(ds: ray.data.Dataset, stage: MapStage | GlobalStage, config: PipelineConfig) -> ray.data.Dataset:
+    import torch
 
+    if isinstance(stage, GlobalStage):  # fit on the driver over the live rows' columns, then apply per batch
+        ds = ds.materialize()
+        live = ds.filter(expr=col("status") == KEEP).select_columns(stage.columns).to_arrow_refs()
+        table = pa.concat_tables([ray.get(ref) for ref in live]) if live else RECORD_SCHEMA.empty_table()
+        fitted = stage.fit(table.select(stage.columns))
+        return ds.map_batches(StageBatches(stage.name, partial(stage.apply, fitted)), batch_format="pyarrow")
+    if stage.uses_model:  # an actor pool: each actor loads the model once, on a GPU when there is one
+        gpus = 1 if torch.cuda.is_available() and config.clip.device != "cpu" else 0
+        return ds.map_batches(StageBatches, fn_constructor_args=(stage.name, stage.factory), batch_format="pyarrow",
+                              batch_size=config.clip.batch_size, concurrency=config.clip.num_actors, num_gpus=gpus)
+    return ds.map_batches(StageBatches(stage.name, stage.factory), batch_format="pyarrow",
+                          batch_size=config.validate_.batch_size)
+
+
+def run(config: PipelineConfig) -> dict:
     run_dir = RunDirectory.open(config, engine="ray")
     if (done := run_dir.existing_manifest()) is not None:
         return done
@@ -50,11 +68,11 @@ def run(config: PipelineConfig) -> dict:
 
     ds = ray.data.from_items([{"shard_id": i} for i in range(num_shards)], override_num_blocks=num_shards)
     ds = ds.map_batches(ShardReader(run_dir.shards, run_dir.url_list), batch_size=1, batch_format="numpy")
-    for name, factory in stage_factories(config):
-        ds = ds.map_batches(StageBatches(name, factory), batch_size=config.validate_.batch_size, batch_format="pyarrow")
+    for stage in stage_plan(config):
+        ds = apply_on_ray(ds, stage, config)
     ds = ds.materialize()
-    ds.filter(expr=f"status == '{KEEP}'").write_parquet(str(run_dir.work / "records"))
-    ds.filter(expr=f"status != '{KEEP}'").drop_columns(["image"]).write_parquet(str(run_dir.work / "dropped"))
+    ds.filter(expr=col("status") == KEEP).write_parquet(str(run_dir.work / "records"))
+    ds.filter(expr=col("status") != KEEP).drop_columns(["image"]).write_parquet(str(run_dir.work / "dropped"))
 
     return run_dir.finish(num_rows, time.perf_counter() - start, {"ray_stats": ds.stats()})
 

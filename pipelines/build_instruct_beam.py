@@ -11,36 +11,68 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import apache_beam as beam
+import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
 
 from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, read_shard  # noqa: E402
 from pipelines.run import RunDirectory  # noqa: E402
-from pipelines.stages import RECORD_SCHEMA, StageBatches, stage_factories  # noqa: E402
+from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, stage_plan  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import UserError  # noqa: E402
 from schemas.records import KEEP  # noqa: E402
 
 
-def _stage_dofn(beam, batches: StageBatches):
-    class StageDoFn(beam.DoFn):
-        """Builds the stage (and its model, if any) once per worker in setup()."""
+class StageDoFn(beam.DoFn):
+    """One stage over batches of rows; setup() builds it (and loads its model) once per worker."""
 
-        def setup(self):
-            batches.setup()
+    def __init__(self, batches: StageBatches):
+        self.batches = batches
 
-        def process(self, rows):
-            for record in batches.run(rows):
-                yield record.model_dump()
+    def setup(self):
+        self.batches.setup()
 
-    return StageDoFn()
+    def process(self, rows):
+        for record in self.batches.run(rows):
+            yield record.model_dump()
+
+
+class FittedStageDoFn(beam.DoFn):
+    """The apply half of a global stage; the fit arrives as a side input."""
+
+    def __init__(self, stage: GlobalStage):
+        self.stage, self.batches = stage, None
+
+    def process(self, rows, fitted):
+        if self.batches is None:
+            self.batches = StageBatches(self.stage.name, partial(self.stage.apply, fitted))
+        for record in self.batches.run(rows):
+            yield record.model_dump()
+
+
+def apply_on_beam(beam, rows, stage: MapStage | GlobalStage, config: PipelineConfig):
+    size = config.clip.batch_size if isinstance(stage, MapStage) and stage.uses_model else config.validate_.batch_size
+    batched = rows | f"Batch {stage.name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+    if isinstance(stage, MapStage):
+        return batched | f"Stage {stage.name}" >> beam.ParDo(StageDoFn(StageBatches(stage.name, stage.factory)))
+    columns = stage.columns
+    fitted = (  # the global half: one combine over the live rows' columns, then a side input
+        rows
+        | f"Live {stage.name}" >> beam.Filter(lambda r: r["status"] == KEEP)
+        | f"Columns {stage.name}" >> beam.Map(lambda r: {c: r[c] for c in columns})
+        | f"Gather {stage.name}" >> beam.combiners.ToList()
+        | f"Fit {stage.name}" >> beam.Map(lambda live: stage.fit(pa.Table.from_pylist(live, RECORD_SCHEMA).select(columns)))
+    )
+    return batched | f"Apply {stage.name}" >> beam.ParDo(FittedStageDoFn(stage), beam.pvalue.AsSingleton(fitted))
 
 
 def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None = None) -> dict:
-    import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     run_dir = RunDirectory.open(config, engine="beam")
@@ -65,13 +97,8 @@ def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None =
             | "Shards" >> beam.Create(list(range(shard_count_for(num_rows, config.crawl.shard_size))))
             | "ReadShard" >> beam.FlatMap(lambda i: [r.model_dump() for r in read_shard(shards, i, url_list)])
         )
-        for name, factory in stage_factories(config):
-            size = config.validate_.batch_size
-            rows = (
-                rows
-                | f"Batch{name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-                | f"Stage{name}" >> beam.ParDo(_stage_dofn(beam, StageBatches(name, factory)))
-            )
+        for stage in stage_plan(config):
+            rows = apply_on_beam(beam, rows, stage, config)
         _ = (rows | "Kept" >> beam.Filter(lambda r: r["status"] == KEEP)
              | "WriteRecords" >> beam.io.WriteToParquet(str(records_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
         _ = (rows | "Dropped" >> beam.Filter(lambda r: r["status"] != KEEP)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from evals.noise_eval import evaluate_against_noise
+from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, prepare_url_list
 from schemas.config import PipelineConfig, save_config
 from schemas.records import reason_kind
@@ -79,7 +81,11 @@ class RunDirectory:
 
     def finish(self, num_rows: int, seconds: float, extra: dict | None = None) -> dict:
         """Counts what was written, writes the manifest last, renames `.partial` away, prints the summary."""
-        counts = summarize(self.work / "records", self.work / "dropped", num_rows)
+        stage_order = ["crawl"] + [stage.name for stage in stage_plan(self.config)]
+        counts = summarize(self.work / "records", self.work / "dropped", num_rows, stage_order)
+        if self.config.evaluate.noise_manifest:
+            counts["noise_eval"] = evaluate_against_noise(Path(self.config.evaluate.noise_manifest),
+                                                          self.work / "records", self.work / "dropped")
         manifest = build_manifest(self, counts, seconds, extra)
         (self.work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         self.work.rename(self.final)
@@ -88,10 +94,7 @@ class RunDirectory:
         return manifest
 
 
-STAGE_ORDER = ("crawl", "validate")
-
-
-def summarize(records_dir: Path, dropped_dir: Path, input_rows: int) -> dict:
+def summarize(records_dir: Path, dropped_dir: Path, input_rows: int, stage_order: list[str]) -> dict:
     """Counts per stage and per reason, from what was written (so Ray and Beam are counted alike)."""
     kept = _rows(records_dir, ["uid"])
     dropped = _rows(dropped_dir, ["uid", "stage", "reason"])
@@ -99,7 +102,7 @@ def summarize(records_dir: Path, dropped_dir: Path, input_rows: int) -> dict:
     for row in dropped:
         by_stage.setdefault(row["stage"], Counter())[reason_kind(row["reason"])] += 1
     stages, remaining = {}, input_rows
-    for name in list(STAGE_ORDER) + sorted(set(by_stage) - set(STAGE_ORDER)):
+    for name in stage_order + sorted(set(by_stage) - set(stage_order)):
         reasons = by_stage.get(name, Counter())
         lost = sum(reasons.values())
         stages[name] = {"in": remaining, "kept": remaining - lost, "dropped": lost, "reasons": dict(sorted(reasons.items()))}
@@ -142,4 +145,7 @@ def format_summary(manifest: dict) -> str:
         lines.append(f"  {stage:<10} in {info['in']:>7}  kept {info['kept']:>7}  dropped {info['dropped']:>6}")
         for reason, n in sorted(info["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"      {n:>7}  {reason}")
+    for name, figures in counts.get("noise_eval", {}).items():
+        lines.append(f"  vs noise manifest, {name}: precision {figures['precision']}  recall {figures['recall']}  "
+                     f"({figures['true_positives']} right of {figures['predicted']} removed)")
     return "\n".join(lines)

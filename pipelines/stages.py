@@ -6,11 +6,15 @@ row dropped by the crawl still reaches the output with its reason.
 """
 from __future__ import annotations
 
-import time
-from typing import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 
+from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
+from filters.dedup import DuplicateFilter, NearDuplicateIndex
 from filters.validate import ImageValidator
 from schemas.config import PipelineConfig
 from schemas.records import KEEP, ImageRecord, StageResult
@@ -31,13 +35,56 @@ RECORD_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("stage", pa.string()),
         ("image", pa.binary()),
+        ("clip_score", pa.float32()),
+        ("embedding", pa.list_(pa.float32())),
     ]
 )
 
 
-def stage_factories(config: PipelineConfig) -> list[tuple[str, Callable[[], Stage]]]:
-    """(name, factory) per stage in run order; factories let an engine build a model once per worker."""
-    return [("validate", lambda: ImageValidator(config.validate_))]
+@dataclass
+class MapStage:
+    """A stage applied batch by batch; `factory` builds it once per worker (a model loads once)."""
+
+    name: str
+    factory: Callable[[], Stage]
+    uses_model: bool = False
+
+
+@dataclass
+class GlobalStage:
+    """A global step in two halves: `fit` over columns of all live records, then `apply(fitted)` per batch."""
+
+    name: str
+    columns: list[str]
+    fit: Callable[[pa.Table], Any]
+    apply: Callable[[Any], Stage]
+
+
+def _scores(table: pa.Table) -> np.ndarray:
+    return table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
+
+
+def fit_dedup(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
+    # Straight from Arrow to one [N, D] float32 array: no per-float Python objects at 1M x 512.
+    values = table.column("embedding").combine_chunks().flatten().to_numpy()
+    embeddings = values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
+    return NearDuplicateIndex(config.dedup).fit(table.column("uid").to_pylist(), embeddings, _scores(table),
+                                                table.column("sha256").to_pylist())
+
+
+def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
+    """The ordered stage list both engines run."""
+    plan: list[MapStage | GlobalStage] = [
+        MapStage("validate", partial(ImageValidator, config.validate_)),
+        MapStage("clip_score", partial(ClipScorer, config.clip), uses_model=True),
+        GlobalStage("clip_filter", ["clip_score"],
+                    lambda table: fit_clip_threshold(config.clip, _scores(table)),
+                    ClipScoreFilter),
+    ]
+    if config.dedup.enabled:
+        plan.append(GlobalStage("dedup", ["uid", "embedding", "clip_score", "sha256"], partial(fit_dedup, config),
+                                DuplicateFilter))
+    return plan
 
 
 def apply_stage(stage: Stage, records: list[ImageRecord]) -> list[ImageRecord]:
@@ -64,7 +111,6 @@ class StageBatches:
         self.name = name
         self.factory = factory
         self.stage: Stage | None = None
-        self.seconds = 0.0
 
     def setup(self) -> None:
         if self.stage is None:
@@ -72,10 +118,7 @@ class StageBatches:
 
     def run(self, rows: list[dict]) -> list[ImageRecord]:
         self.setup()
-        start = time.perf_counter()
-        out = apply_stage(self.stage, rows_to_records(rows))
-        self.seconds += time.perf_counter() - start
-        return out
+        return apply_stage(self.stage, rows_to_records(rows))
 
     def __call__(self, batch: pa.Table) -> pa.Table:  # Ray Data, batch_format="pyarrow"
         return records_to_table(self.run(batch.to_pylist()))

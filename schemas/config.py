@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,6 +52,37 @@ class ValidateConfig(_Section):
     batch_size: int = Field(default=128, ge=1)
 
 
+class ClipConfig(_Section):
+    """Any open_clip model: a built-in name + pretrained tag, an `hf-hub:` id, or a checkpoint + JSON config."""
+
+    model: str = "sample_clip"
+    pretrained: str | None = "infra/clip/sample_clip.pt"  # a tag (laion2b_s34b_b79k) or a checkpoint path
+    config_path: str | None = "infra/clip/sample_clip.json"  # JSON config for a model open_clip does not ship
+    device: str = "auto"  # auto: the GPU when one is visible
+    batch_size: int = Field(default=64, ge=1)
+    num_actors: int = Field(default=1, ge=1, description="Ray actors holding a model each")
+    mode: Literal["threshold", "top_fraction"] = "threshold"
+    # LAION-400M kept pairs at cosine >= 0.28 with ViT-B/32; the sample CLIP's own scale differs (see infra/clip).
+    threshold: float = Field(default=0.28, ge=-1.0, le=1.0)
+    keep_fraction: float = Field(default=0.3, gt=0.0, le=1.0, description="top_fraction mode; DataComp kept 30%")
+
+
+class DedupConfig(_Section):
+    enabled: bool = True
+    # Near-duplicates: cosine >= 1 - eps (NeMo Curator's SemDeDup default eps is 0.01).
+    eps: float = Field(default=0.01, gt=0.0, lt=1.0)
+    # Exact range search costs N^2 (36 s at 50k on one core); the clustered path is exact-equivalent on
+    # planted pairs and ~10x faster there (bench/dedup.py).
+    exact_search_max: int = Field(default=10_000, ge=1, description="above this many images, IVF clusters")
+    num_clusters: int | None = Field(default=None, ge=1, description="IVF clusters; default sqrt(N)")
+
+
+class EvaluateConfig(_Section):
+    """Evaluation only: compared with the outputs after every stage ran, never read by a stage."""
+
+    noise_manifest: str | None = None
+
+
 class RayConfig(_Section):
     address: str = "auto"
 
@@ -62,6 +93,9 @@ class PipelineConfig(_Section):
     world: WorldConfig = WorldConfig()
     crawl: CrawlConfig = CrawlConfig()
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    clip: ClipConfig = ClipConfig()
+    dedup: DedupConfig = DedupConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -42,6 +42,8 @@ class ImageRecord(BaseModel):
     reason: str | None = None
     stage: str | None = None  # the stage that dropped it
     image: bytes | None = Field(default=None, repr=False)  # encoded image (RGB JPEG/PNG once validated)
+    clip_score: float | None = None  # cosine(image, caption) under the configured CLIP
+    embedding: list[float] | None = Field(default=None, repr=False)  # L2-normalized CLIP image embedding
 
     @model_validator(mode="after")
     def _dropped_has_reason(self) -> "ImageRecord":
@@ -50,7 +52,7 @@ class ImageRecord(BaseModel):
         return self
 
     def dropped(self, stage: str, reason: str) -> "ImageRecord":
-        return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason, "image": None})
+        return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason, "image": None, "embedding": None})
 
 
 class ObjectAnnotation(BaseModel):

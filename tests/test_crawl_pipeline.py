@@ -30,7 +30,8 @@ def test_every_url_ends_as_exactly_one_row(demo_run):
 
 def test_hostile_urls_end_with_the_right_reason(demo_run):
     noise = {r["url"]: r["kind"] for r in pq.read_table(demo_run["world"] / "noise_manifest.parquet").to_pylist()}
-    dropped = {r["url"]: r for r in read_dir(demo_run["final"] / "dropped", ["url", "stage", "reason"])}
+    dropped = {r["url"]: r for r in read_dir(demo_run["final"] / "dropped", ["url", "stage", "reason"])
+               if r["stage"] in ("crawl", "validate")}
     checked = Counter()
     for url, kind in noise.items():
         if kind in EXPECTED_REASON:
@@ -38,7 +39,7 @@ def test_hostile_urls_end_with_the_right_reason(demo_run):
             assert reason_kind(dropped[url]["reason"]) == EXPECTED_REASON[kind], (kind, dropped[url]["reason"])
             checked[kind] += 1
     assert set(checked) == set(EXPECTED_REASON)  # every kind of fault was really exercised
-    # nothing else is dropped at this stage of the pipeline: clean images survive
+    # crawl and validate drop nothing else: clean images survive them
     assert {noise[u] for u in dropped} <= set(EXPECTED_REASON)
 
 
@@ -80,3 +81,22 @@ def test_demo_stops_what_it_started(demo_run):
     port = int(next(o for o in demo_run["overrides"] if o.startswith("world.port=")).split("=")[1])
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_clip_filter_and_dedup_remove_the_planted_noise(demo_run):
+    noise_eval = demo_run["manifest"]["counts"]["noise_eval"]
+    mismatch, duplicates = noise_eval["mismatched_captions"], noise_eval["duplicates"]
+    assert mismatch["positives"] >= 30 and duplicates["groups"] >= 15  # the 300-image world plants enough
+    assert mismatch["precision"] >= 0.9 and mismatch["recall"] >= 0.9, mismatch
+    # The shipped sample CLIP separates near-duplicates from same-scene look-alikes only partly
+    # (infra/clip/metrics.json): at eps 0.0125 it is precise but misses about a third of them.
+    # The 0.95 recall target is not met yet; this guards what it does reach.
+    assert duplicates["precision"] >= 0.95 and duplicates["recall"] >= 0.6, duplicates
+
+
+def test_kept_records_carry_clip_scores_and_embeddings(demo_run):
+    kept = read_dir(demo_run["final"] / "records", ["uid", "clip_score", "embedding"])
+    threshold = demo_run["manifest"]["config"]["clip"]["threshold"]
+    assert all(r["clip_score"] >= threshold for r in kept)
+    dims = {len(r["embedding"]) for r in kept}
+    assert len(dims) == 1 and dims.pop() >= 32

@@ -1,0 +1,108 @@
+"""CLIP stage throughput through the pipeline vs the bare model forward, in one run.
+
+    python -m bench.clip            # sample CLIP and ViT-B-32 @224 (random weights), CPU here, GPU if visible
+    python -m bench.clip --quick
+
+"Pipeline" is what a Ray actor / Beam DoFn runs per batch: record rows (JPEG bytes + caption)
+through `StageBatches(ClipScorer)` — decode, preprocess, tokenize, both towers, normalize,
+annotate. "Bare" is `encode_image` + `encode_text` on the same batches already decoded,
+preprocessed and tokenized. Reps alternate pipeline/bare; the ratio is the median of per-rep ratios.
+Saves bench/results/clip.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from filters.clip_loader import load_clip
+from filters.clip_scorer import ClipScorer
+from infra.sample_world import captions_for, plan_scene, render_scene
+from pipelines.stages import StageBatches
+from schemas.config import ClipConfig, load_config
+from schemas.records import ImageRecord
+
+RESULTS = Path(__file__).resolve().parent / "results" / "clip.json"
+
+
+def sample_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        layout = plan_scene(i + 1, seed=3)
+        buffer = io.BytesIO()
+        render_scene(layout).save(buffer, format="JPEG", quality=90)
+        rows.append(ImageRecord(uid=f"u{i}", url=f"http://x/{i}", caption=captions_for(layout, i)[0],
+                                image=buffer.getvalue()).model_dump())
+    return rows
+
+
+def measure(config: ClipConfig, rows: list[dict], reps: int) -> dict:
+    clip = load_clip(config)
+    stage = StageBatches("clip_score", partial(ClipScorer, config, clip))
+    bs = config.batch_size
+    batches = [rows[i:i + bs] for i in range(0, len(rows) - bs + 1, bs)]
+    pixels = [torch.stack([clip.preprocess(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in b]) for b in batches]
+    tokens = [clip.tokenizer([r["caption"] for r in b]) for b in batches]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for p, t in zip(pixels, tokens):
+                clip.model.encode_image(p.to(clip.device))
+                clip.model.encode_text(t.to(clip.device))
+        if clip.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def pipeline() -> None:
+        for b in batches:
+            stage.run(b)
+
+    bare(), pipeline()  # warm-up
+    images = len(batches) * bs
+    per_rep = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); pipeline(); t1 = time.perf_counter(); bare(); t2 = time.perf_counter()
+        per_rep.append({"pipeline_images_per_s": images / (t1 - t0), "bare_images_per_s": images / (t2 - t1),
+                        "ratio": (t2 - t1) / (t1 - t0)})
+    return {"model": clip.name, "device": clip.device, "batch_size": bs, "images_per_rep": images,
+            "image_size": list(clip.preprocess.transforms[0].size) if hasattr(clip.preprocess.transforms[0], "size") else None,
+            "per_rep": per_rep,
+            "median_pipeline_images_per_s": statistics.median(r["pipeline_images_per_s"] for r in per_rep),
+            "median_bare_images_per_s": statistics.median(r["bare_images_per_s"] for r in per_rep),
+            "median_ratio": statistics.median(r["ratio"] for r in per_rep)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    sample = load_config("configs/sample.yaml").clip
+    models = {
+        "sample_clip": (sample.model_copy(update={"batch_size": 64}), 512 if not args.quick else 128),
+        "ViT-B-32@224 (random weights)": (ClipConfig(model="ViT-B-32", pretrained=None, config_path=None, batch_size=32),
+                                          128 if not args.quick else 32),
+    }
+    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "loadavg_before": os.getloadavg(), "target_ratio": 0.9,
+               "models": {}}
+    for label, (config, n) in models.items():
+        figures = measure(config, sample_rows(n), reps=3 if not args.quick else 1)
+        figures["target_met"] = figures["median_ratio"] >= 0.9
+        results["models"][label] = figures
+        print(f"{label:32s} {figures['device']}: pipeline {figures['median_pipeline_images_per_s']:8.1f} img/s  "
+              f"bare {figures['median_bare_images_per_s']:8.1f} img/s  ratio {figures['median_ratio']:.3f}")
+    results["loadavg_after"] = os.getloadavg()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(f"saved {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluations: judge outputs against ground truth that no stage reads."""

@@ -1,0 +1,47 @@
+"""How well the filters removed the injected noise: compares a run's outputs with the sample
+world's noise manifest (which no stage reads).
+
+- mismatched captions: positives are `caption_swapped` rows that reached the CLIP filter;
+  predictions are rows the CLIP filter dropped.
+- duplicates: each planted copy (`near_duplicate` / `exact_duplicate`) and its original form a
+  group; a group that reached dedup with both members is caught when dedup dropped one of them
+  as a duplicate of the other. Predictions are rows dedup dropped; one is right when the uid it
+  names is in the same group.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def _rows(directory: Path, columns: list[str]) -> list[dict]:
+    return [r for f in sorted(directory.glob("*.parquet")) for r in pq.read_table(f, columns=columns).to_pylist()]
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def evaluate_against_noise(noise_manifest: Path, records_dir: Path, dropped_dir: Path) -> dict:
+    noise = {r["url"]: r for r in pq.read_table(noise_manifest).to_pylist()}
+    kept = _rows(records_dir, ["uid", "url"])
+    dropped = _rows(dropped_dir, ["uid", "url", "stage", "reason"])
+    url_of = {r["uid"]: r["url"] for r in kept + dropped}
+    clip_stage = ("clip_filter", "dedup")  # rows that reached the CLIP filter end kept or dropped at/after it
+    reached_clip = [r["url"] for r in kept] + [r["url"] for r in dropped if r["stage"] in clip_stage]
+    swapped = {u for u in reached_clip if noise.get(u, {}).get("kind") == "caption_swapped"}
+    clip_dropped = {r["url"] for r in dropped if r["stage"] == "clip_filter"}
+    hits = len(swapped & clip_dropped)
+    mismatch = {"positives": len(swapped), "predicted": len(clip_dropped), "true_positives": hits,
+                "precision": _ratio(hits, len(clip_dropped)), "recall": _ratio(hits, len(swapped))}
+
+    reached_dedup = {r["url"] for r in kept} | {r["url"] for r in dropped if r["stage"] == "dedup"}
+    groups = {u: (r["detail"], u) for u, r in noise.items() if r["kind"] in ("near_duplicate", "exact_duplicate")}
+    live_groups = {pair for pair in groups.values() if pair[0] in reached_dedup and pair[1] in reached_dedup}
+    dedup_drops = [(r["url"], url_of.get(r["reason"].split(":", 1)[1])) for r in dropped if r["stage"] == "dedup"]
+    correct = [(a, b) for a, b in dedup_drops if (b, a) in live_groups or (a, b) in live_groups]
+    caught = {frozenset(p) for p in correct}
+    duplicates = {"groups": len(live_groups), "predicted": len(dedup_drops), "true_positives": len(correct),
+                  "precision": _ratio(len(correct), len(dedup_drops)), "recall": _ratio(len(caught), len(live_groups))}
+    return {"mismatched_captions": mismatch, "duplicates": duplicates}

@@ -1,0 +1,99 @@
+"""ClipScorer and ClipScoreFilter with a tiny in-process open_clip model; loader errors."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from filters import clip_loader
+from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
+from schemas.config import ClipConfig
+from schemas.errors import UserError
+from schemas.records import ImageRecord
+from tests.tiny_clip import write_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    config_path, checkpoint = write_tiny_clip(tmp_path_factory.mktemp("clip"))
+    return ClipConfig(model="tiny_clip", config_path=str(config_path), pretrained=str(checkpoint), batch_size=3)
+
+
+def jpeg(color: str, size=(48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def records(n: int) -> list[ImageRecord]:
+    colors = ["red", "green", "blue", "white", "black", "yellow", "purple"]
+    return [ImageRecord(uid=f"u{i}", url=f"http://x/{i}.jpg", caption=f"a {colors[i % 7]} square",
+                        image=jpeg(colors[i % 7])) for i in range(n)]
+
+
+def test_scorer_annotates_every_record_with_cosine_and_unit_embedding(tiny):
+    scorer = ClipScorer(tiny)
+    result = scorer(records(7))  # 7 with batch_size 3: a partial last batch
+    assert len(result.kept) == 7 and not result.dropped
+    emb = np.array([r.embedding for r in result.kept])
+    assert emb.shape == (7, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    scores = np.array([r.clip_score for r in result.kept])
+    assert np.all((scores >= -1.0) & (scores <= 1.0))
+    texts = scorer.embed_texts([r.caption for r in result.kept])
+    np.testing.assert_allclose(scores, (emb * texts).sum(1), atol=1e-5)
+
+
+def test_scores_do_not_depend_on_batch_size(tiny):
+    one = ClipScorer(tiny.model_copy(update={"batch_size": 1}))([*records(4)])
+    many = ClipScorer(tiny.model_copy(update={"batch_size": 64}))([*records(4)])
+    np.testing.assert_allclose([r.clip_score for r in one.kept], [r.clip_score for r in many.kept], atol=1e-5)
+
+
+def scored(scores) -> list[ImageRecord]:
+    return [ImageRecord(uid=f"u{i:03d}", url="http://x", caption="c", clip_score=s) for i, s in enumerate(scores)]
+
+
+def test_threshold_mode_drops_below_with_reason():
+    config = ClipConfig(mode="threshold", threshold=0.28)
+    threshold = fit_clip_threshold(config, np.array([0.1, 0.9]))
+    result = ClipScoreFilter(threshold)(scored([0.1, 0.28, 0.5, 0.27]))
+    assert [r.clip_score for r in result.kept] == [0.28, 0.5]
+    assert {r.reason for r in result.dropped} == {"clip_score_below:0.2800"}
+    assert all(r.stage == "clip_filter" for r in result.dropped)
+
+
+def test_top_fraction_mode_keeps_the_best_share_across_batches():
+    scores = np.random.default_rng(0).normal(0.3, 0.05, 1000)
+    threshold = fit_clip_threshold(ClipConfig(mode="top_fraction", keep_fraction=0.3), scores)
+    batches = [scored(scores[i:i + 128]) for i in range(0, 1000, 128)]  # the fit is global, the apply per batch
+    kept = [r.clip_score for b in batches for r in ClipScoreFilter(threshold)(b).kept]
+    assert len(kept) == 300
+    assert min(kept) >= np.sort(scores)[-300] - 1e-12
+
+
+def test_unknown_model_name_is_one_sentence():
+    with pytest.raises(UserError, match="Unknown open_clip model 'ViT-Nope'"):
+        clip_loader.resolve_weights(ClipConfig(model="ViT-Nope", config_path=None, pretrained=None))
+
+
+def test_missing_checkpoint_is_one_sentence(tiny, tmp_path):
+    bad = tiny.model_copy(update={"pretrained": str(tmp_path / "gone.pt")})
+    with pytest.raises(UserError, match="checkpoint .*gone.pt does not exist"):
+        clip_loader.load_clip(bad)
+
+
+def test_mismatched_model_and_config_is_one_sentence(tiny):
+    with pytest.raises(UserError, match="does not match clip.config_path"):
+        clip_loader.resolve_weights(tiny.model_copy(update={"model": "ViT-B-32"}))
+
+
+def test_pretrained_tag_needing_a_download_offline(monkeypatch):
+    # Test double: this machine has no internet, but CI elsewhere might; pin "offline" explicitly.
+    monkeypatch.setattr(clip_loader, "_hub_reachable", lambda host="huggingface.co": False)
+    with pytest.raises(UserError, match="cannot be downloaded offline"):
+        clip_loader.resolve_weights(ClipConfig(model="ViT-B-32", config_path=None, pretrained="laion2b_s34b_b79k"))
+    with pytest.raises(UserError, match="has no pretrained tag 'nope'"):
+        clip_loader.resolve_weights(ClipConfig(model="ViT-B-32", config_path=None, pretrained="nope"))

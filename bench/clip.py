@@ -72,7 +72,7 @@ def measure(config: ClipConfig, rows: list[dict], reps: int) -> dict:
         per_rep.append({"pipeline_images_per_s": images / (t1 - t0), "bare_images_per_s": images / (t2 - t1),
                         "ratio": (t2 - t1) / (t1 - t0)})
     return {"model": clip.name, "device": clip.device, "batch_size": bs, "images_per_rep": images,
-            "image_size": list(clip.preprocess.transforms[0].size) if hasattr(clip.preprocess.transforms[0], "size") else None,
+            "image_size": int(pixels[0].shape[-1]),
             "per_rep": per_rep,
             "median_pipeline_images_per_s": statistics.median(r["pipeline_images_per_s"] for r in per_rep),
             "median_bare_images_per_s": statistics.median(r["bare_images_per_s"] for r in per_rep),

@@ -26,6 +26,11 @@ class ClipScorer:
         self.config = config
         self.clip = clip or load_clip(config)
 
+    @property
+    def input_side(self) -> int:
+        size = self.clip.model.visual.image_size
+        return int(max(size) if isinstance(size, (tuple, list)) else size)
+
     def _autocast(self):
         import torch
 
@@ -60,9 +65,14 @@ class ClipScorer:
 
     def __call__(self, records: list[ImageRecord]) -> StageResult:
         result, images, scored = StageResult(), [], []
+        side = self.input_side
         for record in records:
             try:
-                images.append(Image.open(io.BytesIO(record.image)).convert("RGB"))
+                image = Image.open(io.BytesIO(record.image))
+                # JPEGs decode straight at 1/2, 1/4 or 1/8 scale when that still covers the model's
+                # input: the decode and the resize that follows then touch 4-64x fewer pixels.
+                image.draft("RGB", (side, side))
+                images.append(image.convert("RGB"))
                 scored.append(record)
             except Exception as err:  # noqa: BLE001 - validate decoded it; a failure here is still per record
                 result.dropped.append(record.dropped(self.name, f"decode_error:{type(err).__name__}"))

@@ -54,7 +54,7 @@ def run_demo(config_path: str, overrides: list[str]) -> Path:
     final = RunDirectory.open(config, engine="ray").final
     manifest = json.loads((final / "manifest.json").read_text())
     print("\n" + format_summary(manifest))
-    print(f"\nvalidated records: {final / 'records'}\nmanifest: {final / 'manifest.json'}")
+    print(f"\nkept records: {final / 'records'}\nmanifest: {final / 'manifest.json'}")
     return final
 
 

@@ -87,7 +87,7 @@ class RunDirectory:
             counts["noise_eval"] = evaluate_against_noise(Path(self.config.evaluate.noise_manifest),
                                                           self.work / "records", self.work / "dropped")
         manifest = build_manifest(self, counts, seconds, extra)
-        (self.work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (self.work / "manifest.json").write_text(json.dumps(manifest, indent=2))  # key order = stage order
         self.work.rename(self.final)
         print(format_summary(manifest))
         print(f"output: {self.final}")

@@ -56,7 +56,7 @@ class FittedStageDoFn(beam.DoFn):
             yield record.model_dump()
 
 
-def apply_on_beam(beam, rows, stage: MapStage | GlobalStage, config: PipelineConfig):
+def apply_on_beam(rows, stage: MapStage | GlobalStage, config: PipelineConfig):
     size = config.clip.batch_size if isinstance(stage, MapStage) and stage.uses_model else config.validate_.batch_size
     batched = rows | f"Batch {stage.name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
     if isinstance(stage, MapStage):
@@ -98,7 +98,7 @@ def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None =
             | "ReadShard" >> beam.FlatMap(lambda i: [r.model_dump() for r in read_shard(shards, i, url_list)])
         )
         for stage in stage_plan(config):
-            rows = apply_on_beam(beam, rows, stage, config)
+            rows = apply_on_beam(rows, stage, config)
         _ = (rows | "Kept" >> beam.Filter(lambda r: r["status"] == KEEP)
              | "WriteRecords" >> beam.io.WriteToParquet(str(records_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
         _ = (rows | "Dropped" >> beam.Filter(lambda r: r["status"] != KEEP)

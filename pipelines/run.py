@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import time
 from collections import Counter
@@ -44,7 +45,7 @@ class RunDirectory:
 
     @classmethod
     def open(cls, config: PipelineConfig, engine: str) -> "RunDirectory":
-        """Checks the URL list (raises UserError with one sentence) and picks the version directory."""
+        """Picks the version directory: a hash of the config's data-changing fields, the URL list's bytes and the engine."""
         source = Path(config.crawl.url_list)
         url_sha = file_sha256(source) if source.is_file() else "missing"
         digest = hashlib.sha256(f"{config.fingerprint()}|{url_sha}|{engine}".encode()).hexdigest()
@@ -68,6 +69,8 @@ class RunDirectory:
         """Checks the URL list (and that its hosts answer, before anything is crawled), creates the work
         directory with the resolved config and the uid'ed URL list; returns the row count."""
         self.work.mkdir(parents=True, exist_ok=True)
+        for derived in ("records", "dropped"):  # a resumed run rewrites these whole; only shards are reused
+            shutil.rmtree(self.work / derived, ignore_errors=True)
         save_config(self.config, self.work / "config.yaml")
         hosts = self.config.crawl.preflight_hosts if probe_hosts else 0
         return prepare_url_list(self.config.crawl.url_list, self.url_list, hosts, self.config.crawl.shard_size)

@@ -100,3 +100,28 @@ def test_kept_records_carry_clip_scores_and_embeddings(demo_run):
     assert all(r["clip_score"] >= threshold for r in kept)
     dims = {len(r["embedding"]) for r in kept}
     assert len(dims) == 1 and dims.pop() >= 32
+
+
+def test_an_interrupted_run_resumes_without_duplicating_rows(demo_run, tmp_path):
+    """A `.partial` directory left by a run that died after writing some output is finished, not doubled."""
+    import shutil
+
+    from pipelines.build_instruct_beam import run
+    from schemas.config import load_config
+    from tests.conftest import REPO
+
+    overrides = [o for o in demo_run["overrides"] if not o.startswith("output_root=")]
+    overrides += [f"output_root={tmp_path}", f"crawl.url_list={demo_run['world'] / 'urls.parquet'}",
+                  "dedup.enabled=false"]
+    config = load_config(REPO / "configs" / "sample.yaml", overrides)
+    first = run(config, [], shards_from=demo_run["final"] / "shards")
+    final = tmp_path / config.name / first["version"]
+    partial = final.with_name(final.name + ".partial")
+    shutil.move(final, partial)
+    (partial / "manifest.json").unlink()  # as if the run died before its manifest...
+    for part in (partial / "records").glob("*.parquet"):  # ...after one engine attempt wrote some files
+        shutil.copy(part, part.with_name("earlier-attempt-" + part.name))
+    again = run(config, [], shards_from=demo_run["final"] / "shards")
+    assert again["counts"]["kept"] == first["counts"]["kept"]
+    assert len(read_dir(final / "records", ["uid"])) == first["counts"]["kept"]
+    assert not partial.exists()

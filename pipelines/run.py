@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from evals.noise_eval import evaluate_against_noise
+from filters.clip_loader import resolve_weights
 from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, prepare_url_list
 from schemas.config import PipelineConfig, save_config
@@ -68,6 +69,7 @@ class RunDirectory:
     def prepare(self, probe_hosts: bool = True) -> int:
         """Checks the URL list (and that its hosts answer, before anything is crawled), creates the work
         directory with the resolved config and the uid'ed URL list; returns the row count."""
+        resolve_weights(self.config.clip)  # a bad model name or checkpoint fails here, not inside a worker
         self.work.mkdir(parents=True, exist_ok=True)
         for derived in ("records", "dropped"):  # a resumed run rewrites these whole; only shards are reused
             shutil.rmtree(self.work / derived, ignore_errors=True)

@@ -54,6 +54,19 @@ def test_bad_config_value(tmp_path):
     assert_one_sentence_failure(run_job(tmp_path, "crawl.processes=0"), "crawl.processes", tmp_path)
 
 
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["clip.pretrained=/nowhere/model.pt"], "CLIP checkpoint /nowhere/model.pt does not exist"),
+        (["clip.model=ViT-Nope", "clip.config_path=null"], "Unknown open_clip model 'ViT-Nope'"),
+    ],
+)
+def test_bad_clip_settings_fail_before_crawling(tmp_path, overrides, fragment):
+    proc = run_job(tmp_path, *overrides)
+    assert_one_sentence_failure(proc, fragment, tmp_path)
+    assert not list((tmp_path / "out").rglob("*.tar"))
+
+
 def test_unreachable_host_is_reported_before_crawling(tmp_path):
     path = tmp_path / "urls.parquet"
     port = free_port()  # nothing listens there

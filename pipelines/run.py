@@ -46,10 +46,14 @@ class RunDirectory:
 
     @classmethod
     def open(cls, config: PipelineConfig, engine: str) -> "RunDirectory":
-        """Picks the version directory: a hash of the config's data-changing fields, the URL list's bytes and the engine."""
+        """Picks the version directory: a hash of the config's data-changing fields, the bytes of the URL
+        list and of the CLIP weights, and the engine."""
         source = Path(config.crawl.url_list)
         url_sha = file_sha256(source) if source.is_file() else "missing"
-        digest = hashlib.sha256(f"{config.fingerprint()}|{url_sha}|{engine}".encode()).hexdigest()
+        # New weights at the same path make new data: the checkpoint's bytes are part of the version.
+        weights = [Path(p) for p in (config.clip.pretrained, config.clip.config_path) if p and Path(p).is_file()]
+        weights_sha = "|".join(file_sha256(p) for p in weights)
+        digest = hashlib.sha256(f"{config.fingerprint()}|{url_sha}|{weights_sha}|{engine}".encode()).hexdigest()
         version = f"v-{digest[:12]}"
         final = Path(config.output_root).resolve() / config.name / version
         return cls(config, engine, version, final, final.with_name(version + ".partial"), url_sha)

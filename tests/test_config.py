@@ -45,3 +45,17 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("crawl: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_version_changes_with_the_clip_weights_bytes(tmp_path):
+    from pipelines.run import RunDirectory
+
+    urls, weights = tmp_path / "urls.parquet", tmp_path / "w.pt"
+    urls.write_bytes(b"list")
+    weights.write_bytes(b"old weights")
+    config = load_config(SAMPLE, [f"crawl.url_list={urls}", f"clip.pretrained={weights}", f"output_root={tmp_path}"])
+    before = RunDirectory.open(config, "ray").version
+    assert RunDirectory.open(config, "ray").version == before  # deterministic
+    weights.write_bytes(b"new weights, same path")
+    assert RunDirectory.open(config, "ray").version != before
+    assert RunDirectory.open(config, "beam").version != RunDirectory.open(config, "ray").version

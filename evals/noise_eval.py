@@ -15,8 +15,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 
-def _rows(directory: Path, columns: list[str]) -> list[dict]:
-    return [r for f in sorted(directory.glob("*.parquet")) for r in pq.read_table(f, columns=columns).to_pylist()]
+def read_rows(directory: Path, columns: list[str] | None = None) -> list[dict]:
+    """Every row of the parquet files in a run's `records/` or `dropped/` (none if it does not exist)."""
+    files = sorted(directory.glob("*.parquet")) if directory.exists() else []
+    return [r for f in files for r in pq.read_table(f, columns=columns).to_pylist()]
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -25,8 +27,8 @@ def _ratio(num: int, den: int) -> float | None:
 
 def evaluate_against_noise(noise_manifest: Path, records_dir: Path, dropped_dir: Path) -> dict:
     noise = {r["url"]: r for r in pq.read_table(noise_manifest).to_pylist()}
-    kept = _rows(records_dir, ["uid", "url"])
-    dropped = _rows(dropped_dir, ["uid", "url", "stage", "reason"])
+    kept = read_rows(records_dir, ["uid", "url"])
+    dropped = read_rows(dropped_dir, ["uid", "url", "stage", "reason"])
     url_of = {r["uid"]: r["url"] for r in kept + dropped}
     clip_stage = ("clip_filter", "dedup")  # rows that reached the CLIP filter end kept or dropped at/after it
     reached_clip = [r["url"] for r in kept] + [r["url"] for r in dropped if r["stage"] in clip_stage]

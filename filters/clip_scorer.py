@@ -43,23 +43,20 @@ class ClipScorer:
         """[N, D] float32, L2-normalized."""
         import torch
 
-        out = []
-        with torch.inference_mode(), self._autocast():
-            for start in range(0, len(images), self.config.batch_size):
-                pixels = torch.stack([self.clip.preprocess(im) for im in images[start:start + self.config.batch_size]])
-                features = self.clip.model.encode_image(pixels.to(self.clip.device))  # [B, D]
-                out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        return self._embed(images, lambda chunk: torch.stack([self.clip.preprocess(im) for im in chunk]),
+                           self.clip.model.encode_image)  # pixels [B, 3, H, W]
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """[N, D] float32, L2-normalized."""
+        return self._embed(texts, self.clip.tokenizer, self.clip.model.encode_text)  # tokens [B, context_length]
+
+    def _embed(self, items: list, to_tensor, encode) -> np.ndarray:
         import torch
 
         out = []
         with torch.inference_mode(), self._autocast():
-            for start in range(0, len(texts), self.config.batch_size):
-                tokens = self.clip.tokenizer(texts[start:start + self.config.batch_size])  # [B, context_length]
-                features = self.clip.model.encode_text(tokens.to(self.clip.device))  # [B, D]
+            for start in range(0, len(items), self.config.batch_size):
+                features = encode(to_tensor(items[start:start + self.config.batch_size]).to(self.clip.device))  # [B, D]
                 out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

@@ -16,9 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from evals.noise_eval import evaluate_against_noise
+from evals.noise_eval import evaluate_against_noise, read_rows
 from filters.clip_loader import resolve_weights
 from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, prepare_url_list
@@ -105,8 +103,8 @@ class RunDirectory:
 
 def summarize(records_dir: Path, dropped_dir: Path, input_rows: int, stage_order: list[str]) -> dict:
     """Counts per stage and per reason, from what was written (so Ray and Beam are counted alike)."""
-    kept = _rows(records_dir, ["uid"])
-    dropped = _rows(dropped_dir, ["uid", "stage", "reason"])
+    kept = read_rows(records_dir, ["uid"])
+    dropped = read_rows(dropped_dir, ["uid", "stage", "reason"])
     by_stage: dict[str, Counter] = {}
     for row in dropped:
         by_stage.setdefault(row["stage"], Counter())[reason_kind(row["reason"])] += 1
@@ -123,11 +121,6 @@ def summarize(records_dir: Path, dropped_dir: Path, input_rows: int, stage_order
         "accounted": len(kept) + len(dropped) == input_rows,
         "stages": stages,
     }
-
-
-def _rows(directory: Path, columns: list[str]) -> list[dict]:
-    files = sorted(directory.glob("*.parquet")) if directory.exists() else []
-    return [row for f in files for row in pq.read_table(f, columns=columns).to_pylist()]
 
 
 def build_manifest(run: RunDirectory, counts: dict, seconds: float, extra: dict | None = None) -> dict:

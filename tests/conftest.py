@@ -6,8 +6,9 @@ import json
 import socket
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+
+from evals.noise_eval import read_rows as read_dir  # noqa: F401 - tests read outputs as the manifest does
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,3 @@ def demo_run(tmp_path_factory):
     manifest = json.loads((final / "manifest.json").read_text())
     return {"final": final, "manifest": manifest, "world": base / "world", "overrides": overrides,
             "head_was_up": head_was_up}
-
-
-def read_dir(directory: Path, columns: list[str] | None = None) -> list[dict]:
-    return [row for f in sorted(directory.glob("*.parquet")) for row in pq.read_table(f, columns=columns).to_pylist()]

@@ -25,12 +25,13 @@ def _ratio(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
 
-def evaluate_against_noise(noise_manifest: Path, records_dir: Path, dropped_dir: Path) -> dict:
+def evaluate_against_noise(noise_manifest: Path, records_dir: Path, dropped_dir: Path, stage_order: list[str]) -> dict:
+    """`stage_order`: the run's stages in order; a row dropped at or after a stage reached it."""
     noise = {r["url"]: r for r in pq.read_table(noise_manifest).to_pylist()}
     kept = read_rows(records_dir, ["uid", "url"])
     dropped = read_rows(dropped_dir, ["uid", "url", "stage", "reason"])
     url_of = {r["uid"]: r["url"] for r in kept + dropped}
-    clip_stage = ("clip_filter", "dedup")  # rows that reached the CLIP filter end kept or dropped at/after it
+    clip_stage = stage_order[stage_order.index("clip_filter"):]  # rows that reached the CLIP filter
     reached_clip = [r["url"] for r in kept] + [r["url"] for r in dropped if r["stage"] in clip_stage]
     swapped = {u for u in reached_clip if noise.get(u, {}).get("kind") == "caption_swapped"}
     clip_dropped = {r["url"] for r in dropped if r["stage"] == "clip_filter"}
@@ -38,7 +39,8 @@ def evaluate_against_noise(noise_manifest: Path, records_dir: Path, dropped_dir:
     mismatch = {"positives": len(swapped), "predicted": len(clip_dropped), "true_positives": hits,
                 "precision": _ratio(hits, len(clip_dropped)), "recall": _ratio(hits, len(swapped))}
 
-    reached_dedup = {r["url"] for r in kept} | {r["url"] for r in dropped if r["stage"] == "dedup"}
+    dedup_on = stage_order[stage_order.index("dedup"):] if "dedup" in stage_order else []
+    reached_dedup = {r["url"] for r in kept} | {r["url"] for r in dropped if r["stage"] in dedup_on}
     groups = {u: (r["detail"], u) for u, r in noise.items() if r["kind"] in ("near_duplicate", "exact_duplicate")}
     live_groups = {pair for pair in groups.values() if pair[0] in reached_dedup and pair[1] in reached_dedup}
     dedup_drops = [(r["url"], url_of.get(r["reason"].split(":", 1)[1])) for r in dropped if r["stage"] == "dedup"]

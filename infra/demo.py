@@ -30,13 +30,18 @@ def submit_command(config_path: str, overrides: list[str]) -> list[str]:
             sys.executable, "pipelines/build_instruct.py", "--config", config_path, *flags]
 
 
+def world_overrides(world_dir: Path) -> list[str]:
+    """The settings that point a run at a rendered sample world: its URL list, annotations and noise manifest."""
+    instances = world_dir / "annotations" / "instances_train.json"
+    return [f"crawl.url_list={world_dir / 'urls.parquet'}", f"objects.annotations=[{instances}]",
+            f"evaluate.noise_manifest={world_dir / 'noise_manifest.parquet'}", f"evaluate.ground_truth=[{instances}]"]
+
+
 def run_demo(config_path: str, overrides: list[str]) -> Path:
     config = load_config(config_path, overrides)
     world_dir = prepare_world(config.world).resolve()
     # The job runs in a copy of the repo (--working-dir), so every path it gets is absolute.
-    overrides = [*overrides, f"output_root={Path(config.output_root).resolve()}",
-                 f"crawl.url_list={world_dir / 'urls.parquet'}",
-                 f"evaluate.noise_manifest={world_dir / 'noise_manifest.parquet'}"]
+    overrides = [*overrides, f"output_root={Path(config.output_root).resolve()}", *world_overrides(world_dir)]
     config = load_config(config_path, overrides)
     with WorldServer(world_dir, config.world.host, config.world.port, config.world.slow_seconds) as server:
         print(f"serving the sample world at {server.base_url}")
@@ -54,7 +59,8 @@ def run_demo(config_path: str, overrides: list[str]) -> Path:
     final = RunDirectory.open(config, engine="ray").final
     manifest = json.loads((final / "manifest.json").read_text())
     print("\n" + format_summary(manifest))
-    print(f"\nkept records: {final / 'records'}\nmanifest: {final / 'manifest.json'}")
+    print(f"\nHugging Face dataset: {final / 'hf'}   (datasets.load_from_disk)\nLLaVA export: {final / 'llava'}"
+          f"\ndataset card: {final / 'README.md'}\nmanifest: {final / 'manifest.json'}")
     return final
 
 

@@ -100,38 +100,8 @@ def category_by_name(name: str) -> Category:
         raise KeyError(f"{name!r} is not a sample-world category; see CATEGORY_NAMES.") from None
 
 
-# How category names are spoken, shared by captions and generated answers so they agree.
-# Plurals that adding "s" gets wrong. "skis" and "scissors" are already plural and are
-# counted in pairs by captions ("a pair of skis").
-_IRREGULAR_PLURALS = {
-    "person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep",
-    "broccoli": "broccoli", "skis": "skis", "scissors": "scissors",
-}
-
-
-def plural(name: str) -> str:
-    if name in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[name]
-    if name.endswith(("s", "sh", "ch", "x")):  # bus, glass, toothbrush, couch, sandwich
-        return name + "es"
-    return name + "s"
-
-
-_NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-_COUNTED_IN = {"skis": "pair", "scissors": "pair", "broccoli": "piece"}  # "a pair of skis"
-
-
-def indefinite(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def noun_phrase(name: str, count: int) -> str:
-    """How captions and answers say a count: "a knife", "two knives", "a pair of skis"."""
-    number = _NUMBER_WORDS[count] if count < len(_NUMBER_WORDS) else str(count)
-    if name in _COUNTED_IN:
-        unit = _COUNTED_IN[name]
-        return f"a {unit} of {name}" if count == 1 else f"{number} {plural(unit)} of {name}"
-    return indefinite(name) if count == 1 else f"{number} {plural(name)}"
+# How category names are spoken lives with the generators, so captions and answers agree.
+from generators.vocabulary import indefinite, noun_phrase, plural  # noqa: E402,F401
 
 
 # Object priors follow COCO co-occurrence: what you find in a kitchen photo is cups, bowls

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, read_shard  # noqa: E402
-from pipelines.run import RunDirectory  # noqa: E402
+from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, records_to_table, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
@@ -40,26 +40,29 @@ class ShardReader:
 
 
 def apply_on_ray(ds: ray.data.Dataset, stage: MapStage | GlobalStage, config: PipelineConfig) -> ray.data.Dataset:
-    import torch
-
     if isinstance(stage, GlobalStage):  # fit on the driver over the live rows' columns, then apply per batch
         ds = ds.materialize()
         live = ds.filter(expr=col("status") == KEEP).select_columns(stage.columns).to_arrow_refs()
         table = pa.concat_tables([ray.get(ref) for ref in live]) if live else RECORD_SCHEMA.empty_table()
         fitted = stage.fit(table.select(stage.columns))
         return ds.map_batches(StageBatches(stage.name, partial(stage.apply, fitted)), batch_format="pyarrow")
-    if stage.uses_model:  # an actor pool: each actor loads the model once, on a GPU when there is one
-        gpus = 1 if torch.cuda.is_available() and config.clip.device != "cpu" else 0
+    batch_size = stage.batch_size or config.validate_.batch_size
+    if stage.uses_model:  # an actor pool: each actor loads the model (or opens the client) once
         return ds.map_batches(StageBatches, fn_constructor_args=(stage.name, stage.factory), batch_format="pyarrow",
-                              batch_size=config.clip.batch_size, concurrency=config.clip.num_actors, num_gpus=gpus)
-    return ds.map_batches(StageBatches(stage.name, stage.factory), batch_format="pyarrow",
-                          batch_size=config.validate_.batch_size)
+                              batch_size=batch_size, concurrency=stage.num_actors, num_gpus=stage.num_gpus)
+    return ds.map_batches(StageBatches(stage.name, stage.factory), batch_format="pyarrow", batch_size=batch_size)
 
 
 def run(config: PipelineConfig) -> dict:
     run_dir = RunDirectory.open(config, engine="ray")
     if (done := run_dir.existing_manifest()) is not None:
         return done
+    with teacher_endpoint(config, run_dir) as config:  # started (embedded) and reachable before any crawling
+        return _run(run_dir.with_config(config))
+
+
+def _run(run_dir: RunDirectory) -> dict:
+    config = run_dir.config
     start = time.perf_counter()
     num_rows = run_dir.prepare()
     num_shards = shard_count_for(num_rows, config.crawl.shard_size)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, read_shard  # noqa: E402
-from pipelines.run import RunDirectory  # noqa: E402
+from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
 from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, stage_plan  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
@@ -57,7 +57,7 @@ class FittedStageDoFn(beam.DoFn):
 
 
 def apply_on_beam(rows, stage: MapStage | GlobalStage, config: PipelineConfig):
-    size = config.clip.batch_size if isinstance(stage, MapStage) and stage.uses_model else config.validate_.batch_size
+    size = (stage.batch_size if isinstance(stage, MapStage) else None) or config.validate_.batch_size
     batched = rows | f"Batch {stage.name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
     if isinstance(stage, MapStage):
         return batched | f"Stage {stage.name}" >> beam.ParDo(StageDoFn(StageBatches(stage.name, stage.factory)))
@@ -73,11 +73,17 @@ def apply_on_beam(rows, stage: MapStage | GlobalStage, config: PipelineConfig):
 
 
 def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None = None) -> dict:
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     run_dir = RunDirectory.open(config, engine="beam")
     if (done := run_dir.existing_manifest()) is not None:
         return done
+    with teacher_endpoint(config, run_dir) as config:  # started (embedded) and reachable before any crawling
+        return _run(run_dir.with_config(config), beam_args, shards_from)
+
+
+def _run(run_dir: RunDirectory, beam_args: list[str], shards_from: Path | None) -> dict:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    config = run_dir.config
     start = time.perf_counter()
     num_rows = run_dir.prepare(probe_hosts=shards_from is None)  # reused shards need no host
     shards = run_dir.shards

@@ -7,6 +7,8 @@ config and inputs finds the `.partial` directory and resumes (img2dataset skips 
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -15,12 +17,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from evals.grounding_eval import evaluate_grounding
 from evals.noise_eval import evaluate_against_noise, read_rows
 from filters.clip_loader import resolve_weights
+from generators.prompts import PROMPT_VERSION
+from generators.teacher import TeacherUsage, check_reachable
+from pipelines.dataset_card import write_dataset_card
+from pipelines.publish import publish_dataset, push_to_hub
 from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, prepare_url_list
 from schemas.config import PipelineConfig, save_config
+from schemas.errors import UserError
 from schemas.records import reason_kind
 
 
@@ -31,6 +40,27 @@ def code_revision() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@contextlib.contextmanager
+def teacher_endpoint(config: PipelineConfig, run: "RunDirectory") -> Iterator[PipelineConfig]:
+    """The config with `teacher.base_url` set to a reachable server: the embedded llama.cpp server is
+    started here (and stopped on exit); any other endpoint is checked with one request."""
+    with contextlib.ExitStack() as stack:
+        teacher = config.teacher
+        if teacher.kind == "embedded":
+            from infra.embedded_teacher import EmbeddedTeacher  # infra runs things; only the embedded kind needs it
+
+            log = run.final.parent / f"{run.version}.teacher.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            base_url = stack.enter_context(EmbeddedTeacher(teacher, log_path=log))
+            print(f"embedded teacher (llama.cpp, {teacher.model}) at {base_url}", flush=True)
+        elif teacher.base_url:
+            base_url = teacher.base_url
+        else:
+            raise UserError("teacher.kind=openai needs teacher.base_url (e.g. https://api.openai.com/v1).")
+        check_reachable(teacher, base_url)
+        yield config.model_copy(update={"teacher": teacher.model_copy(update={"base_url": base_url})})
 
 
 @dataclass
@@ -56,6 +86,10 @@ class RunDirectory:
         final = Path(config.output_root).resolve() / config.name / version
         return cls(config, engine, version, final, final.with_name(version + ".partial"), url_sha)
 
+    def with_config(self, config: PipelineConfig) -> "RunDirectory":
+        """The same version directory with a config that differs only in how things run (the teacher's address)."""
+        return dataclasses.replace(self, config=config)
+
     @property
     def complete(self) -> bool:
         return (self.final / "manifest.json").exists()
@@ -77,7 +111,12 @@ class RunDirectory:
             shutil.rmtree(self.work / derived, ignore_errors=True)
         save_config(self.config, self.work / "config.yaml")
         hosts = self.config.crawl.preflight_hosts if probe_hosts else 0
-        return prepare_url_list(self.config.crawl.url_list, self.url_list, hosts, self.config.crawl.shard_size)
+        rows = prepare_url_list(self.config.crawl.url_list, self.url_list, hosts, self.config.crawl.shard_size)
+        for path in self.config.objects.annotations + self.config.evaluate.ground_truth:
+            if not Path(path).is_file():
+                raise UserError(f"Annotation file {path} does not exist; set objects.annotations (or "
+                                f"evaluate.ground_truth) to COCO instances JSON files, or to [] to tag with CLIP.")
+        return rows
 
     def existing_manifest(self) -> dict | None:
         """The manifest of a finished run of this version, announced; None when there is work to do."""
@@ -90,14 +129,32 @@ class RunDirectory:
         """Counts what was written, writes the manifest last, renames `.partial` away, prints the summary."""
         stage_order = ["crawl"] + [stage.name for stage in stage_plan(self.config)]
         counts = summarize(self.work / "records", self.work / "dropped", num_rows, stage_order)
+        records, dropped = self.work / "records", self.work / "dropped"
         if self.config.evaluate.noise_manifest:
-            counts["noise_eval"] = evaluate_against_noise(Path(self.config.evaluate.noise_manifest),
-                                                          self.work / "records", self.work / "dropped")
-        manifest = build_manifest(self, counts, seconds, extra)
+            counts["noise_eval"] = evaluate_against_noise(Path(self.config.evaluate.noise_manifest), records, dropped,
+                                                          stage_order)
+        published = publish_dataset(self.work, self.config.publish.validation_fraction, self.config.teacher.seed)
+        counts["published"] = published
+        counts["rejected_turns"] = dict(sorted(Counter(
+            f"{turn['type']}:{reason_kind(turn['reason'])}" for d in (records, dropped)
+            for r in read_rows(d, ["rejected_turns"]) for turn in json.loads(r["rejected_turns"] or "[]")).items()))
+        if self.config.evaluate.ground_truth:
+            counts["grounding_eval"] = evaluate_grounding(self.config, records, dropped, num_rows)
+        usage = TeacherUsage.total([json.loads(r["teacher_usage"]) for d in (records, dropped)
+                                    for r in read_rows(d, ["teacher_usage"]) if r["teacher_usage"]])
+        teacher = {"kind": self.config.teacher.kind, "model": self.config.teacher.model,
+                   "prompt_version": PROMPT_VERSION, "usage": usage}
+        manifest = build_manifest(self, counts, seconds, {"teacher": teacher, **(extra or {})})
         (self.work / "manifest.json").write_text(json.dumps(manifest, indent=2))  # key order = stage order
+        write_dataset_card(self.work, manifest, published)
         self.work.rename(self.final)
         print(format_summary(manifest))
-        print(f"output: {self.final}")
+        print(f"Hugging Face dataset: {self.final / 'hf'}  (datasets.load_from_disk)")
+        print(f"LLaVA export: {self.final / 'llava'}")
+        if self.config.publish.push_to_hub:
+            if not self.config.publish.hub_repo:
+                raise UserError("publish.push_to_hub needs publish.hub_repo (e.g. my-org/my-dataset).")
+            print(f"pushed: {push_to_hub(self.final, self.config.publish.hub_repo, self.version, self.config.publish.token_env)}")
         return manifest
 
 
@@ -147,6 +204,12 @@ def format_summary(manifest: dict) -> str:
         lines.append(f"  {stage:<10} in {info['in']:>7}  kept {info['kept']:>7}  dropped {info['dropped']:>6}")
         for reason, n in sorted(info["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"      {n:>7}  {reason}")
+    for reason, n in counts.get("rejected_turns", {}).items():
+        lines.append(f"  turn removed by the grounding verifier: {n:>5}  {reason}")
+    if grounding := counts.get("grounding_eval"):
+        lines.append(f"  vs ground truth: answers asserting an absent object {grounding['absent_object_rate']}, "
+                     f"negative labels wrong {grounding['negative_label_error_rate']}, "
+                     f"{grounding['yield']['llava_records']} LLaVA records from {grounding['yield']['input_urls']} URLs")
     for name, figures in counts.get("noise_eval", {}).items():
         lines.append(f"  vs noise manifest, {name}: precision {figures['precision']}  recall {figures['recall']}  "
                      f"({figures['true_positives']} right of {figures['predicted']} removed)")

@@ -6,8 +6,11 @@ row dropped by the crawl still reaches the output with its reason.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -15,7 +18,11 @@ import pyarrow as pa
 
 from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter, NearDuplicateIndex
+from filters.grounding import GroundingVerifier
 from filters.validate import ImageValidator
+from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
+from generators.instructions import InstructionGenerator
+from generators.objects import ObjectFinder
 from schemas.config import PipelineConfig
 from schemas.records import KEEP, ImageRecord, StageResult
 
@@ -37,6 +44,11 @@ RECORD_SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("clip_score", pa.float32()),
         ("embedding", pa.list_(pa.float32())),
+        ("objects", pa.string()),
+        ("probes", pa.string()),
+        ("instructions", pa.string()),
+        ("rejected_turns", pa.string()),
+        ("teacher_usage", pa.string()),
     ]
 )
 
@@ -47,7 +59,10 @@ class MapStage:
 
     name: str
     factory: Callable[[], Stage]
-    uses_model: bool = False
+    uses_model: bool = False  # runs on an actor pool (Ray) that keeps the model (or client) loaded
+    batch_size: int | None = None  # default: validate.batch_size
+    num_actors: int = 1
+    num_gpus: float = 0
 
 
 @dataclass
@@ -72,11 +87,29 @@ def fit_dedup(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
                                                 table.column("sha256").to_pylist())
 
 
+def fit_probes(config: PipelineConfig, table: pa.Table) -> dict:
+    """Object statistics over every live image, and which images get instructions (generate.max_images)."""
+    uids = table.column("uid").to_pylist()
+    objects = [[o["category"] for o in json.loads(text or "[]")] for text in table.column("objects").to_pylist()]
+    selected = None
+    if config.generate.max_images is not None and len(uids) > config.generate.max_images:
+        ranked = sorted(uids, key=lambda uid: hashlib.sha256(f"{config.teacher.seed}|{uid}".encode()).hexdigest())
+        selected = sorted(ranked[: config.generate.max_images])
+    return {"statistics": fit_object_statistics(objects), "selected": selected}
+
+
+def teacher_cache_dir(config: PipelineConfig) -> str:
+    return str(Path(config.teacher.cache_dir or Path(config.output_root) / "teacher_cache").resolve())
+
+
 def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
-    """The ordered stage list both engines run."""
+    """The ordered stage list both engines run. Generation needs `config.teacher.base_url` resolved
+    (the embedded teacher's address is known once it started)."""
+    gpus = 1 if config.clip.device != "cpu" and _cuda_available() else 0
     plan: list[MapStage | GlobalStage] = [
         MapStage("validate", partial(ImageValidator, config.validate_)),
-        MapStage("clip_score", partial(ClipScorer, config.clip), uses_model=True),
+        MapStage("clip_score", partial(ClipScorer, config.clip), uses_model=True, batch_size=config.clip.batch_size,
+                 num_actors=config.clip.num_actors, num_gpus=gpus),
         GlobalStage("clip_filter", ["clip_score"],
                     lambda table: fit_clip_threshold(config.clip, _scores(table)),
                     ClipScoreFilter),
@@ -84,7 +117,22 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
     if config.dedup.enabled:
         plan.append(GlobalStage("dedup", ["uid", "embedding", "clip_score", "sha256"], partial(fit_dedup, config),
                                 DuplicateFilter))
+    plan += [
+        MapStage("objects", partial(ObjectFinder, config.objects, config.clip)),
+        GlobalStage("probes", ["uid", "objects"], partial(fit_probes, config),
+                    partial(AbsentObjectSampler, generate=config.generate, objects=config.objects, seed=config.teacher.seed)),
+        MapStage("generate", partial(InstructionGenerator, config.teacher, config.generate,
+                                     config.teacher.base_url or "", teacher_cache_dir(config)),
+                 uses_model=True, batch_size=config.generate.batch_size, num_actors=config.teacher.num_actors),
+        MapStage("verify", partial(GroundingVerifier, config.objects.vocabulary)),
+    ]
     return plan
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def apply_stage(stage: Stage, records: list[ImageRecord]) -> list[ImageRecord]:

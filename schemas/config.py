@@ -77,14 +77,79 @@ class DedupConfig(_Section):
     num_clusters: int | None = Field(default=None, ge=1, description="IVF clusters; default sqrt(N)")
 
 
+class ObjectsConfig(_Section):
+    """Where each image's objects come from: COCO instances annotations when given, CLIP zero-shot tags otherwise."""
+
+    annotations: list[str] = Field(default_factory=list, description="COCO instances JSON files, matched by file name")
+    vocabulary: list[str] | None = Field(default=None, description="tagging vocabulary; default: the 80 COCO categories")
+    # The sample CLIP's best-F1 cutoff for 'a photo of a {category}' against the world's val annotations
+    # (`python -m evals.tagging_eval` re-fits it); other CLIPs need their own.
+    tag_threshold: float = Field(default=0.3, ge=-1.0, le=1.0)
+    max_tags: int = Field(default=6, ge=1)
+
+
+class TeacherConfig(_Section):
+    """An OpenAI-compatible chat endpoint. `kind: embedded` starts llama.cpp's server with SmolLM2-135M here."""
+
+    kind: Literal["embedded", "openai"] = "embedded"
+    base_url: str | None = Field(default=None, description="e.g. https://api.openai.com/v1 or http://vllm:8000/v1")
+    model: str = "SmolLM2-135M-Instruct"
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="NAME of the env var holding the key (never the key)")
+    # llama.cpp only constrains output with {"type": "json_object", "schema": ...}; OpenAI and vLLM take json_schema.
+    response_format: Literal["json_schema", "json_object"] = "json_schema"
+    concurrency: int = Field(default=4, ge=1, description="requests in flight per worker")
+    timeout: float = Field(default=60.0, gt=0, description="seconds per request")
+    max_retries: int = Field(default=6, ge=0, description="on 429, 5xx, timeouts and malformed responses")
+    max_invalid_retries: int = Field(default=2, ge=0, description="re-asks when the output breaks the schema")
+    backoff_seconds: float = Field(default=0.5, gt=0, description="first backoff; doubles, with full jitter")
+    max_backoff_seconds: float = Field(default=30.0, gt=0)
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=256, ge=16)
+    seed: int = 0
+    cache_dir: str | None = Field(default=None, description="default: <output_root>/teacher_cache")
+    port: int = Field(default=0, ge=0, le=65535, description="embedded server port; 0 picks a free one")
+    threads: int = Field(default=2, ge=1, description="embedded server CPU threads")
+    num_actors: int = Field(default=1, ge=1, description="Ray actors sending requests")
+
+
+class GenerateConfig(_Section):
+    """What the teacher writes per image, and the program-labelled probes mixed in."""
+
+    types: list[Literal["conversation", "detail", "reasoning", "negatives"]] = Field(
+        default_factory=lambda: ["conversation", "detail", "reasoning", "negatives"])
+    # LLaVA-Instruct-158K has about two records per image, not all three types for each.
+    types_per_image: int = Field(default=3, ge=1, le=3, description="teacher types per image, picked by uid")
+    max_images: int | None = Field(default=None, ge=1, description="generate for this many images (picked by uid hash)")
+    batch_size: int = Field(default=16, ge=1)
+    probes_per_image: int = Field(default=4, ge=0, description="yes/no turns in a 'negatives' record")
+    yes_share: float = Field(default=0.5, ge=0.0, le=1.0, description="share of probes answered yes; POPE is balanced")
+    strategies: list[Literal["random", "popular", "adversarial"]] = Field(
+        default_factory=lambda: ["random", "popular", "adversarial"])
+    # Count and position manipulations ("Are there three cups?" when there are two); need annotations.
+    manipulation_share: float = Field(default=0.25, ge=0.0, le=1.0, description="share of 'no' probes that manipulate")
+
+
+class PublishConfig(_Section):
+    validation_fraction: float = Field(default=0.05, ge=0.0, lt=1.0, description="images (with all their records)")
+    push_to_hub: bool = False
+    hub_repo: str | None = None
+    token_env: str = "HF_TOKEN"
+
+
 class EvaluateConfig(_Section):
     """Evaluation only: compared with the outputs after every stage ran, never read by a stage."""
 
     noise_manifest: str | None = None
+    ground_truth: list[str] = Field(default_factory=list, description="COCO instances JSON for grounding figures")
 
 
 class RayConfig(_Section):
     address: str = "auto"
+
+
+# How requests are sent, not what comes back: changing these keeps the dataset version (and the cache).
+_TEACHER_OPERATIONAL = {"base_url", "api_key_env", "concurrency", "timeout", "max_retries", "backoff_seconds",
+                        "max_backoff_seconds", "cache_dir", "port", "threads", "num_actors"}
 
 
 class PipelineConfig(_Section):
@@ -95,6 +160,10 @@ class PipelineConfig(_Section):
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
     clip: ClipConfig = ClipConfig()
     dedup: DedupConfig = DedupConfig()
+    objects: ObjectsConfig = ObjectsConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    generate: GenerateConfig = GenerateConfig()
+    publish: PublishConfig = PublishConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
 
@@ -106,6 +175,7 @@ class PipelineConfig(_Section):
     def fingerprint(self) -> str:
         """Hash of everything that changes the data; where outputs go and which cluster runs it do not."""
         semantic = {k: v for k, v in self.to_dict().items() if k not in ("output_root", "ray")}
+        semantic["teacher"] = {k: v for k, v in semantic["teacher"].items() if k not in _TEACHER_OPERATIONAL}
         return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()
 
 

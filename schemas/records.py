@@ -21,7 +21,7 @@ def reason_kind(reason: str) -> str:
     (`download_error:<class>`), the rest keep only the kind so counts stay small.
     """
     kind, _, detail = reason.partition(":")
-    if kind == "download_error" and detail:
+    if kind in ("download_error", "teacher_error") and detail:
         return f"{kind}:{detail.split(':')[0]}"
     return kind
 
@@ -44,6 +44,12 @@ class ImageRecord(BaseModel):
     image: bytes | None = Field(default=None, repr=False)  # encoded image (RGB JPEG/PNG once validated)
     clip_score: float | None = None  # cosine(image, caption) under the configured CLIP
     embedding: list[float] | None = Field(default=None, repr=False)  # L2-normalized CLIP image embedding
+    # Generation columns, JSON text so every engine stores them alike (see generators/):
+    objects: str | None = None  # [ObjectAnnotation]
+    probes: str | None = None  # [Probe]: program-labelled yes/no questions
+    instructions: str | None = None  # [LLaVA record]: {id, type, conversations, provenance}
+    rejected_turns: str | None = None  # [{type, reason, question, answer}] the grounding verifier removed
+    teacher_usage: str | None = None  # TeacherUsage.to_dict() for this image's requests
 
     @model_validator(mode="after")
     def _dropped_has_reason(self) -> "ImageRecord":
@@ -56,17 +62,19 @@ class ImageRecord(BaseModel):
 
 
 class ObjectAnnotation(BaseModel):
-    """An object in an image: a category and a normalized box [x0, y0, x1, y1] in 0..1."""
+    """An object in an image: a category and a normalized box [x0, y0, x1, y1] in 0..1 (None for a CLIP tag)."""
 
     model_config = ConfigDict(extra="forbid")
 
     category: str
-    box: tuple[float, float, float, float]
+    box: tuple[float, float, float, float] | None
     score: float = Field(default=1.0, ge=0.0, le=1.0)
     source: Literal["annotation", "clip_zero_shot"] = "annotation"
 
     @model_validator(mode="after")
     def _box_is_ordered_and_normalized(self) -> "ObjectAnnotation":
+        if self.box is None:
+            return self
         x0, y0, x1, y1 = self.box
         if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
             raise ValueError(f"box {self.box} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")

@@ -29,8 +29,19 @@ def demo_run(tmp_path_factory):
     head_was_up = head_is_up()
     overrides = [f"world.dir={base / 'world'}", "world.num_images=300", "world.num_val=30",
                  f"world.port={free_port()}", "world.slow_seconds=4", f"output_root={base / 'outputs'}",
-                 "crawl.shard_size=100", "crawl.timeout=1.5"]
+                 "crawl.shard_size=100", "crawl.timeout=1.5", "generate.max_images=10"]
     final = run_demo(str(REPO / "configs" / "sample.yaml"), overrides)
     manifest = json.loads((final / "manifest.json").read_text())
     return {"final": final, "manifest": manifest, "world": base / "world", "overrides": overrides,
             "head_was_up": head_was_up}
+
+
+@pytest.fixture(scope="session")
+def embedded_teacher():
+    """The real embedded teacher (llama.cpp server, SmolLM2-135M) on 127.0.0.1; yields (config, base_url)."""
+    from infra.embedded_teacher import EmbeddedTeacher
+    from schemas.config import load_config
+
+    config = load_config(REPO / "configs" / "sample.yaml").teacher
+    with EmbeddedTeacher(config) as base_url:
+        yield config, base_url

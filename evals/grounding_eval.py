@@ -1,0 +1,118 @@
+"""How grounded the published answers are, measured against ground-truth objects no stage read.
+
+`evaluate.ground_truth` names COCO instances files (the sample world's); images are matched by
+file name. Reported in the manifest:
+
+- `absent_object_rate`: share of final answers (gpt turns) that assert an object the image does
+  not contain (mentions inside a negation do not count); `count_mismatch_rate` likewise for counts;
+- `negative_label_error_rate`: share of probe turns whose answer's yes/no is wrong for the image;
+- `yield`: LLaVA records and images with at least one record, per input URL and per image sent
+  to the teacher;
+- `tagging`: precision/recall of CLIP zero-shot tags against the truth, at the configured
+  threshold and at the best-F1 threshold (to calibrate `objects.tag_threshold`).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from evals.noise_eval import read_rows
+from filters.grounding import mentions, yes_or_no
+from generators.objects import load_coco_instances, url_file_name
+from generators.vocabulary import COCO_CATEGORIES
+from schemas.config import PipelineConfig
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def _truth(probe: dict, gt: list) -> str:
+    counts = Counter(o.category for o in gt)
+    name = probe["category"]
+    if probe["kind"] in ("present", "absent"):
+        return "yes" if counts[name] else "no"
+    if probe["kind"] == "count":
+        asked = next((m.count for m in mentions(probe["question"]) if m.category == name), None)
+        return "yes" if asked == counts[name] else "no"
+    boxes = [o.box for o in gt if o.category == name]  # position: "Is the X on the <side> side?"
+    if len(boxes) != 1:
+        return "no"
+    centre = (boxes[0][0] + boxes[0][2]) / 2
+    asked = "left" if "left side" in probe["question"] else "right"
+    return "yes" if (centre < 0.5) == (asked == "left") else "no"
+
+
+def evaluate_answers(rows: list[dict], truth: dict[str, list], vocabulary: tuple[str, ...]) -> dict:
+    answers = absent = miscounted = unknown = 0
+    probes_seen = probe_errors = 0
+    for row in rows:
+        gt = truth.get(url_file_name(row["url"]))
+        if gt is None:
+            unknown += 1
+            continue
+        counts = Counter(o.category for o in gt)
+        probes = json.loads(row["probes"] or "[]")
+        for item in json.loads(row["instructions"] or "[]"):
+            gpt = [t["value"] for t in item["conversations"] if t["from"] == "gpt"]
+            human = [t["value"] for t in item["conversations"] if t["from"] == "human"]
+            for i, answer in enumerate(gpt):
+                answers += 1
+                found = [m for m in mentions(answer, vocabulary) if not m.negated]
+                absent += any(counts[m.category] == 0 for m in found)
+                miscounted += any(m.count is not None and counts[m.category] and m.count != counts[m.category]
+                                  for m in found)
+                if item["type"] == "negatives":
+                    probe = next(p for p in probes if p["question"] == human[i].replace("<image>\n", ""))
+                    probes_seen += 1
+                    probe_errors += yes_or_no(answer) != _truth(probe, gt)
+    return {"answers": answers, "absent_object_rate": _ratio(absent, answers),
+            "count_mismatch_rate": _ratio(miscounted, answers), "probe_turns": probes_seen,
+            "negative_label_error_rate": _ratio(probe_errors, probes_seen), "images_without_ground_truth": unknown}
+
+
+def evaluate_tagging(config: PipelineConfig, rows: list[dict], truth: dict[str, list]) -> dict | None:
+    from generators.objects import ClipObjectTagger
+
+    rows = [r for r in rows if r["embedding"] is not None and url_file_name(r["url"]) in truth]
+    if not rows:
+        return None
+    vocabulary = list(config.objects.vocabulary or COCO_CATEGORIES)
+    tagger = ClipObjectTagger(config.clip, vocabulary, config.objects.tag_threshold, config.objects.max_tags)
+    sims = tagger.scores(np.asarray([r["embedding"] for r in rows], dtype=np.float32))  # [N, V]
+    present = np.zeros_like(sims, dtype=bool)
+    for i, r in enumerate(rows):
+        for o in truth[url_file_name(r["url"])]:
+            present[i, vocabulary.index(o.category)] = True
+    top = np.argsort(-sims, axis=1)[:, : config.objects.max_tags]
+    in_top = np.zeros_like(present)
+    np.put_along_axis(in_top, top, True, axis=1)
+
+    def at(threshold: float) -> dict:
+        tagged = in_top & (sims >= threshold)
+        tp = int((tagged & present).sum())
+        precision, recall = _ratio(tp, int(tagged.sum())), _ratio(tp, int(present.sum()))
+        f1 = round(2 * precision * recall / (precision + recall), 4) if precision and recall else 0.0
+        return {"threshold": round(float(threshold), 4), "precision": precision, "recall": recall, "f1": f1}
+
+    sweep = [at(t) for t in np.quantile(sims, np.linspace(0.5, 0.999, 60))]
+    return {"images": len(rows), "at_configured": at(config.objects.tag_threshold),
+            "best_f1": max(sweep, key=lambda r: r["f1"])}
+
+
+def evaluate_grounding(config: PipelineConfig, records_dir: Path, dropped_dir: Path, input_urls: int) -> dict:
+    truth = load_coco_instances(config.evaluate.ground_truth)
+    vocabulary = tuple(config.objects.vocabulary or COCO_CATEGORIES)
+    rows = read_rows(records_dir, ["uid", "url", "instructions", "probes", "embedding"])
+    generated = sum(1 for r in read_rows(dropped_dir, ["stage"]) if r["stage"] in ("generate", "verify")) + len(rows)
+    records = sum(len(json.loads(r["instructions"] or "[]")) for r in rows)
+    result = evaluate_answers(rows, truth, vocabulary)
+    result["yield"] = {"llava_records": records, "images_with_records": len(rows), "input_urls": input_urls,
+                       "images_sent_to_teacher": generated,
+                       "records_per_input_url": _ratio(records, input_urls),
+                       "images_kept_per_image_sent": _ratio(len(rows), generated)}
+    result["tagging"] = evaluate_tagging(config, rows, truth)
+    return result

@@ -1,0 +1,141 @@
+"""Counterfactual probes: yes/no questions whose label the program decides from the image's objects.
+
+A global step in two halves. `fit_object_statistics` counts, over all images, how many contain
+each category and how often two categories appear together. `AbsentObjectSampler` then writes per
+image (deterministically, seeded by uid):
+
+- "no" questions about absent objects, picked by POPE's strategies: random, popular (most frequent
+  in the dataset) and adversarial (most often seen with what is present) - never a present one;
+- "yes" questions about present objects, so that yes/no is balanced by default;
+- count and position manipulations ("Are there three cups?" when there are two) where boxes say so.
+
+The teacher may only rephrase the answer; the grounding verifier checks that the label survived.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from itertools import combinations
+from typing import Literal
+
+from pydantic import BaseModel
+
+from generators.vocabulary import COCO_CATEGORIES, noun_phrase, number_word, plural
+from schemas.config import GenerateConfig, ObjectsConfig
+from schemas.records import ImageRecord, ObjectAnnotation, StageResult
+
+
+class Probe(BaseModel):
+    question: str
+    label: Literal["yes", "no"]
+    answer: str  # the program's grounded answer; the teacher may rephrase it
+    kind: Literal["present", "absent", "count", "position"]
+    category: str
+    strategy: str | None = None  # random / popular / adversarial for absent-object probes
+
+
+def record_objects(record: ImageRecord) -> list[ObjectAnnotation]:
+    return [ObjectAnnotation.model_validate(o) for o in json.loads(record.objects or "[]")]
+
+
+def fit_object_statistics(object_lists: list[list[str]]) -> dict:
+    """Image frequency per category and co-occurrence counts per category pair, over the dataset."""
+    frequency, pairs = Counter(), Counter()
+    for names in object_lists:
+        present = sorted(set(names))
+        frequency.update(present)
+        pairs.update(f"{a}|{b}" for a, b in combinations(present, 2))
+    return {"images": len(object_lists), "frequency": dict(frequency), "cooccurrence": dict(pairs)}
+
+
+def _side(obj: ObjectAnnotation) -> str | None:
+    centre = (obj.box[0] + obj.box[2]) / 2
+    return "left" if centre < 0.4 else "right" if centre > 0.6 else None  # the middle fifth says neither
+
+
+class AbsentObjectSampler:
+    """The per-batch half: probes for each image from the fitted statistics."""
+
+    name = "probes"
+
+    def __init__(self, fitted: dict, generate: GenerateConfig, objects: ObjectsConfig, seed: int = 0):
+        self.stats, self.config, self.seed = fitted["statistics"], generate, seed
+        self.selected = set(fitted["selected"]) if fitted.get("selected") is not None else None
+        self.vocabulary = sorted(objects.vocabulary or COCO_CATEGORIES)
+
+    def _cooccurrence(self, a: str, b: str) -> int:
+        return self.stats["cooccurrence"].get(f"{min(a, b)}|{max(a, b)}", 0)
+
+    def ranked_absent(self, strategy: str, present: set[str], rng: random.Random) -> list[str]:
+        absent = [c for c in self.vocabulary if c not in present]
+        if strategy == "random":
+            return rng.sample(absent, len(absent))
+        if strategy == "popular":
+            return sorted(absent, key=lambda c: (-self.stats["frequency"].get(c, 0), c))
+        return sorted(absent, key=lambda c: (-sum(self._cooccurrence(c, p) for p in present), c))  # adversarial
+
+    def probes_for(self, uid: str, objects: list[ObjectAnnotation]) -> list[Probe]:
+        rng = random.Random(int(hashlib.sha256(f"{self.seed}|{uid}".encode()).hexdigest()[:16], 16))
+        counts = Counter(o.category for o in objects)
+        present = sorted(counts)
+        n = self.config.probes_per_image
+        share = self.config.yes_share
+        n_yes = min(round(n * share), len(present))
+        # Balanced by default: as many "no" as "yes" (POPE); yes_share=0 asks only "no" questions.
+        n_no = n - n_yes if share in (0.0, 1.0) or not present else round(n_yes * (1 - share) / share)
+        probes = [self._present(name) for name in rng.sample(present, n_yes)]
+        manipulations = self._manipulations(objects, counts, rng)[: round(n_no * self.config.manipulation_share)]
+        probes += manipulations
+        used, strategies = set(), self.config.strategies
+        for i in range(n_no - len(manipulations)):
+            strategy = strategies[i % len(strategies)]
+            choice = next((c for c in self.ranked_absent(strategy, set(present), rng) if c not in used), None)
+            if choice is not None:
+                used.add(choice)
+                probes.append(self._absent(choice, strategy, present, counts))
+        rng.shuffle(probes)
+        return probes
+
+    @staticmethod
+    def _present(name: str) -> Probe:
+        return Probe(question=f"Is there {noun_phrase(name, 1)} in the image?", label="yes", kind="present",
+                     category=name, answer=f"Yes, there is {noun_phrase(name, 1)} in the image.")
+
+    @staticmethod
+    def _absent(name: str, strategy: str, present: list[str], counts: Counter) -> Probe:
+        seen = ", ".join(noun_phrase(c, counts[c]) for c in present[:3] if counts[c])
+        answer = f"No, there is no {name} in the image." + (f" I can see {seen}." if seen else "")
+        return Probe(question=f"Is there {noun_phrase(name, 1)} in the image?", label="no", kind="absent",
+                     category=name, strategy=strategy, answer=answer)
+
+    @staticmethod
+    def _manipulations(objects: list[ObjectAnnotation], counts: Counter, rng: random.Random) -> list[Probe]:
+        """Wrong counts and wrong sides, only where boxes make the true answer certain."""
+        found = []
+        boxed = [o for o in objects if o.box is not None]
+        for name in sorted({o.category for o in boxed}):
+            true = counts[name]
+            wrong = true + rng.choice([1, 2]) if true == 1 else true + rng.choice([-1, 1])
+            found.append(Probe(question=f"Are there {number_word(wrong)} {plural(name)} in the image?", label="no",
+                               kind="count", category=name,
+                               answer=f"No, there {'is' if true == 1 else 'are'} {noun_phrase(name, true)}."))
+            side = _side(boxed[[o.category for o in boxed].index(name)]) if true == 1 else None
+            if side:
+                other = "right" if side == "left" else "left"
+                found.append(Probe(question=f"Is the {name} on the {other} side of the image?", label="no",
+                                   kind="position", category=name,
+                                   answer=f"No, the {name} is on the {side} side of the image."))
+        rng.shuffle(found)
+        return found
+
+    def __call__(self, records: list[ImageRecord]) -> StageResult:
+        result = StageResult()
+        for record in records:
+            if self.selected is not None and record.uid not in self.selected:
+                result.dropped.append(record.dropped(self.name, f"not_selected:generate.max_images={len(self.selected)}"))
+                continue
+            probes = self.probes_for(record.uid, record_objects(record))
+            result.kept.append(record.model_copy(update={"probes": json.dumps([p.model_dump() for p in probes])}))
+        return result

@@ -1,0 +1,216 @@
+"""The Hugging Face dataset card of a published run: `run_dir/README.md` and `run_dir/examples.png`.
+
+Written after `pipelines.publish.publish_dataset` (it reads `llava/` for examples and `records/` for
+CLIP scores); `python -m pipelines.publish RUN_DIR` runs both. Nothing secret reaches the card: config
+fields named like keys, tokens or passwords are left out, and secret-looking values are redacted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from evals.noise_eval import read_rows
+
+_SECRET_PARTS = {"key", "apikey", "token", "password", "passwd", "secret", "credential", "credentials"}
+# OpenAI / Hugging Face / GitHub tokens, and user:password@ in URLs.
+_SECRET_VALUE = re.compile(r"\b(?:sk-[\w-]{8,}|hf_\w{8,}|gh[pousr]_\w{8,})|(?<=://)[^/\s:@]+:[^/\s@]+@")
+REDACTED = "[redacted]"
+GRID, CELL, TEXT_H = 3, 200, 96  # 3x3 thumbnails of 200 px, with 96 px of question/answer under each
+
+
+def is_secret_name(name: str) -> bool:
+    """`api_key`, `hf_token`, `password` are; `api_key_env` (the NAME of a variable) and `max_tokens` are not."""
+    parts = re.split(r"[_.\-]", str(name).lower())
+    return parts[-1] != "env" and bool(_SECRET_PARTS & set(parts))
+
+
+def redact(tree):
+    """The tree without secret-named fields, and with secret-looking strings replaced."""
+    if isinstance(tree, dict):
+        return {k: redact(v) for k, v in tree.items() if not is_secret_name(k)}
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    if isinstance(tree, str) and _SECRET_VALUE.search(tree):
+        return REDACTED
+    return tree
+
+
+def _secret_values(tree, env_names: set[str]) -> set[str]:
+    """Values under secret names anywhere in `tree`; collects the env var names `*_env` fields point at."""
+    found: set[str] = set()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if is_secret_name(k) and isinstance(v, (str, int)):
+                found.add(str(v))
+            elif str(k).lower().endswith("env") and isinstance(v, str):
+                env_names.add(v)
+            else:
+                found |= _secret_values(v, env_names)
+    elif isinstance(tree, list):
+        for v in tree:
+            found |= _secret_values(v, env_names)
+    return found
+
+
+def scrub(text: str, manifest: dict) -> str:
+    """Last line of defence over the whole card: secret values seen in the manifest or in the env vars it names."""
+    env_names = {"HF_TOKEN", "OPENAI_API_KEY"}
+    secrets = _secret_values(manifest, env_names) | {os.environ.get(n, "") for n in env_names}
+    for secret in sorted((s for s in secrets if len(s) >= 6), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return _SECRET_VALUE.sub(REDACTED, text)
+
+
+def size_category(n: int) -> str:
+    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < bound:
+            return label
+    return "10M<n<100M"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def histogram(scores: list[float], bins: int = 10, width: int = 40) -> str:
+    """Text bars, one per equal-width bin between the lowest and highest score."""
+    if not scores:
+        return "No CLIP scores recorded."
+    lo, hi = min(scores), max(scores)
+    step = (hi - lo) / bins or 1.0
+    counts = [0] * bins
+    for s in scores:
+        counts[min(int((s - lo) / step), bins - 1)] += 1
+    lines = [f"{lo + i * step:7.3f} – {lo + (i + 1) * step:7.3f} | {'█' * round(width * n / max(counts)):<{width}} {n}"
+             for i, n in enumerate(counts)]
+    return "```text\n" + "\n".join(lines) + "\n```"
+
+
+def flatten(tree, prefix: str = "") -> list[list]:
+    if isinstance(tree, dict):
+        return [row for k, v in tree.items() for row in flatten(v, f"{prefix}{k}.")]
+    return [[prefix.rstrip("."), tree]]
+
+
+def llava_entries(run_dir: Path) -> list[dict]:
+    entries = []
+    for split in ("train", "validation"):
+        path = run_dir / "llava" / f"{split}.json"
+        entries += json.loads(path.read_text()) if path.is_file() else []
+    return entries
+
+
+def _question_answer(entry: dict) -> tuple[str, str]:
+    turns = entry["conversations"]
+    question = next((t["value"] for t in turns if t["from"] == "human"), "").replace("<image>", "").strip()
+    answer = next((t["value"] for t in turns if t["from"] == "gpt"), "").strip()
+    return question, answer
+
+
+def write_example_grid(run_dir: Path, entries: list[dict], out: Path) -> Path:
+    """Up to 3x3 images, each with its first record's first question and answer under it."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    firsts = list({e["image"]: e for e in reversed(entries)}.values())[::-1][: GRID * GRID]
+    rows = max(1, -(-len(firsts) // GRID))
+    canvas = Image.new("RGB", (GRID * CELL, rows * (CELL + TEXT_H)), "white")
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(canvas)
+    for i, entry in enumerate(firsts):
+        x, y = (i % GRID) * CELL, (i // GRID) * (CELL + TEXT_H)
+        with Image.open(run_dir / "llava" / entry["image"]) as image:
+            thumb = ImageOps.contain(image.convert("RGB"), (CELL - 8, CELL - 8))
+        canvas.paste(thumb, (x + (CELL - thumb.width) // 2, y + (CELL - thumb.height) // 2))
+        question, answer = _question_answer(entry)
+        lines = textwrap.wrap(f"Q: {question}", 30)[:3] + textwrap.wrap(f"A: {answer}", 30)[:3]
+        text = "\n".join(lines).encode("latin-1", "replace").decode("latin-1")  # bitmap fonts know latin-1 only
+        draw.multiline_text((x + 4, y + CELL + 2), text, fill="black", font=font, spacing=2)
+    canvas.save(out, format="PNG")
+    return out
+
+
+def example_conversations(entries: list[dict], n: int = 3) -> str:
+    """One example of each type first (by id), then more until there are n."""
+    picked = list({e["id"].rsplit("-", 1)[-1]: e for e in reversed(entries)}.values())[::-1][:n]
+    picked += [e for e in entries if e not in picked][: n - len(picked)]
+    blocks = []
+    for e in picked:
+        turns = "\n".join(f"{t['from']}: {t['value']}" for t in e["conversations"])
+        blocks.append(f"**{e['id']}** (`{e['image']}`)\n\n```text\n{turns}\n```")
+    return "\n\n".join(blocks)
+
+
+def read_kept(records_dir: Path) -> list[dict]:
+    """CLIP score and rejected turns of every kept image (the image bytes are not read)."""
+    files = sorted(records_dir.glob("*.parquet")) if records_dir.exists() else []
+    names = pq.read_schema(files[0]).names if files else []
+    return read_rows(records_dir, [c for c in ("clip_score", "rejected_turns") if c in names])
+
+
+def rejection_table(kept: list[dict]) -> str:
+    """Turns the grounding verifier removed, by record type and reason kind (`absent:dog` -> `absent`)."""
+    counts = Counter((turn.get("type", "?"), str(turn.get("reason", "?")).partition(":")[0])
+                     for row in kept for turn in json.loads(row.get("rejected_turns") or "[]"))
+    if not counts:
+        return "The grounding verifier removed no turns."
+    return table(["type", "reason", "turns removed"], [[t, r, n] for (t, r), n in sorted(counts.items())])
+
+
+def write_dataset_card(run_dir: Path, manifest: dict, publish_counts: dict) -> Path:
+    run_dir = Path(run_dir)
+    entries = llava_entries(run_dir)
+    write_example_grid(run_dir, entries, run_dir / "examples.png")
+    kept = read_kept(run_dir / "records")
+    scores = [r["clip_score"] for r in kept if r.get("clip_score") is not None]
+    splits = [s for s in ("train", "validation") if s in publish_counts]
+    total = sum(publish_counts[s]["records"] for s in splits)
+    images = sum(publish_counts[s]["images"] for s in splits)
+    name = f"{manifest.get('name', 'visinstruct')} {manifest.get('version', '')}".strip()
+    front = {"pretty_name": name, "task_categories": ["visual-question-answering"], "language": ["en"],
+             "size_categories": [size_category(total)], "tags": ["llava", "visual-instruction-tuning", "synthetic"]}
+    counts = manifest.get("counts", {})
+    stages = [[stage, s["in"], s["kept"], s["dropped"], ", ".join(f"{r}: {n}" for r, n in s["reasons"].items()) or "–"]
+              for stage, s in counts.get("stages", {}).items()]
+    teacher = manifest.get("teacher") or {}
+    parts = [
+        "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---",
+        f"# {name}",
+        "Visual instruction data in LLaVA's format, made by visinstruct: crawled image-caption pairs, filtered by "
+        "CLIP score and deduplicated, with instructions written by a teacher model and checked against each "
+        "image's objects. `hf/` loads with `datasets.load_from_disk`; `llava/` holds LLaVA's JSON and images.",
+        "## Splits",
+        table(["split", "records", "images"], [[s, publish_counts[s]["records"], publish_counts[s]["images"]] for s in splits]),
+        table(["type", "records"], [[t, n] for t, n in publish_counts.get("by_type", {}).items()]),
+        f"{len(kept) - images} of {len(kept)} kept images have no record (none generated, or every turn rejected).",
+        "### Turns removed by the grounding verifier",
+        rejection_table(kept),
+        "## How the images were filtered",
+        f"{counts.get('input_urls', '?')} URLs in, {counts.get('kept', '?')} images kept, {counts.get('dropped', '?')} dropped.",
+        table(["stage", "in", "kept", "dropped", "drop reasons"], stages),
+        "### CLIP score of kept images",
+        histogram(scores),
+        "## Teacher",
+        table(["field", "value"], [["model", teacher.get("model", "?")], ["prompt version", teacher.get("prompt_version", "?")]]
+              + [[f"usage.{k}", v] for k, v in (teacher.get("usage") or {}).items()]),
+    ]
+    for title, figures in (("Grounding evaluation", manifest.get("grounding_eval")),
+                           ("Noise evaluation", counts.get("noise_eval"))):
+        if figures:
+            parts += [f"## {title}", table(["figure", "value"], flatten(figures))]
+    parts += ["## Examples", "![examples](examples.png)", example_conversations(entries),
+              "## Configuration", "```yaml\n" + yaml.safe_dump(redact(manifest.get("config", {})), sort_keys=False) + "```"]
+    path = run_dir / "README.md"
+    path.write_text(scrub("\n\n".join(parts) + "\n", manifest))
+    return path

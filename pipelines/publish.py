@@ -1,0 +1,191 @@
+"""Publishes a finished run's instruction data: a Hugging Face dataset, a LLaVA-format export, and
+(optionally) a push to the Hub tagged with the run's version.
+
+    python -m pipelines.publish outputs/sample/v-<hash> [--push user/dataset]
+
+Writes, inside the run directory:
+  hf/                      DatasetDict {train, validation} (save_to_disk); one row per LLaVA record
+  llava/{train,validation}.json, llava/images/<uid>.<ext>   what LLaVA's training scripts read
+The split is by image (every record of an image lands in the same split), decided by a hash of
+(seed, uid), so it does not move when other images come or go. Rows are sorted by id, so the same
+records give byte-identical files however the record shards were cut.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from evals.noise_eval import read_rows
+from schemas.errors import UserError
+
+SPLITS = ("train", "validation")
+RECORD_COLUMNS = ["uid", "caption", "image", "clip_score", "objects", "instructions"]
+_MAGIC = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif", b"GIF89a": "gif"}
+
+
+def hf_features():
+    import datasets
+
+    turn = {"from": datasets.Value("string"), "value": datasets.Value("string")}
+    return datasets.Features({
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),  # stored as the crawled bytes; decodes to PIL on access
+        "conversations": [turn],
+        "type": datasets.Value("string"),
+        "uid": datasets.Value("string"),
+        "caption": datasets.Value("string"),
+        "clip_score": datasets.Value("float32"),
+        "objects": datasets.Value("string"),  # JSON text, as the pipeline wrote it
+        "provenance": datasets.Value("string"),  # JSON text (sorted keys)
+    })
+
+
+def split_of(uid: str, seed: int, validation_fraction: float) -> str:
+    """'validation' when sha256(seed:uid), read as a number in [0, 1), falls below the fraction."""
+    digest = hashlib.sha256(f"{seed}:{uid}".encode()).digest()
+    return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension the bytes' format calls for (magic bytes; Pillow names anything rarer)."""
+    for magic, ext in _MAGIC.items():
+        if data.startswith(magic):
+            return ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return (image.format or "bin").lower()
+
+
+def instruction_rows(records_dir: Path) -> list[dict]:
+    """One row per LLaVA record of every kept image, sorted by id; images with no record are left out."""
+    files = sorted(records_dir.glob("*.parquet")) if records_dir.exists() else []
+    if not files:
+        raise UserError(f"{records_dir} holds no record files; publish a finished run's directory.")
+    missing = [c for c in RECORD_COLUMNS if c not in pq.read_schema(files[0]).names]
+    if missing:
+        raise UserError(f"{records_dir} has no {', '.join(missing)} column; run the generate stage before publishing.")
+    rows = []
+    for record in read_rows(records_dir, RECORD_COLUMNS):
+        for llava in json.loads(record["instructions"] or "[]"):
+            rows.append({
+                "id": llava["id"],
+                "image": {"bytes": record["image"], "path": None},
+                "conversations": [{"from": t["from"], "value": t["value"]} for t in llava["conversations"]],
+                "type": llava["type"],
+                "uid": record["uid"],
+                "caption": record["caption"],
+                "clip_score": record["clip_score"],
+                "objects": record["objects"] or "[]",
+                "provenance": json.dumps(llava.get("provenance", {}), sort_keys=True, ensure_ascii=False),
+            })
+    rows.sort(key=lambda r: r["id"])
+    repeated = [a["id"] for a, b in zip(rows, rows[1:]) if a["id"] == b["id"]]
+    if repeated:  # two records with one id would make the order (and LLaVA's ids) ambiguous
+        raise ValueError(f"record id {repeated[0]!r} occurs more than once in {records_dir}")
+    return rows
+
+
+def write_hf(rows_by_split: dict[str, list[dict]], out: Path) -> None:
+    import datasets
+
+    features = hf_features()
+    splits = {split: datasets.Dataset.from_dict({name: [r[name] for r in rows] for name in features}, features=features)
+              for split, rows in rows_by_split.items()}
+    shutil.rmtree(out, ignore_errors=True)
+    # An empty split gets zero shards by default, which load_from_disk cannot read back: give it one.
+    empty = {split: 1 for split, rows in rows_by_split.items() if not rows}
+    datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=empty)
+
+
+def write_llava(rows_by_split: dict[str, list[dict]], out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    names: dict[str, str] = {}
+    for split, rows in rows_by_split.items():
+        entries = []
+        for row in rows:
+            if row["uid"] not in names:  # each image written once, however many records use it
+                data = row["image"]["bytes"]
+                names[row["uid"]] = f"images/{row['uid']}.{image_extension(data)}"
+                (out / names[row["uid"]]).write_bytes(data)
+            entries.append({"id": row["id"], "image": names[row["uid"]], "conversations": row["conversations"]})
+        (out / f"{split}.json").write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+
+
+def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int = 0) -> dict:
+    """Writes `run_dir/hf` and `run_dir/llava` from `run_dir/records`; returns records and images per split
+    and records per type."""
+    run_dir = Path(run_dir)
+    rows = instruction_rows(run_dir / "records")
+    rows_by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for row in rows:
+        rows_by_split[split_of(row["uid"], seed, validation_fraction)].append(row)
+    write_hf(rows_by_split, run_dir / "hf")
+    write_llava(rows_by_split, run_dir / "llava")
+    counts: dict = {split: {"records": len(r), "images": len({x["uid"] for x in r})} for split, r in rows_by_split.items()}
+    counts["by_type"] = dict(sorted(Counter(r["type"] for r in rows).items()))
+    return counts
+
+
+def push_to_hub(run_dir: Path, repo_id: str, version: str, token_env: str = "HF_TOKEN", private: bool = True) -> str:
+    """Uploads the card, then `hf/` (push_to_hub adds its dataset_info to the card), and tags the commit
+    with `version`; returns the tag's URL. The token is read from the environment and never shown."""
+    token = os.environ.get(token_env)
+    if not token:
+        raise UserError(f"Set {token_env} to a Hugging Face write token to push to {repo_id}, or turn the push off.")
+    run_dir = Path(run_dir)
+    if not (run_dir / "hf" / "dataset_dict.json").is_file():
+        raise UserError(f"{run_dir / 'hf'} does not exist; publish the dataset before pushing it.")
+    import datasets
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token)
+        for name in ("README.md", "examples.png"):
+            if (run_dir / name).is_file():
+                api.upload_file(path_or_fileobj=str(run_dir / name), path_in_repo=name, repo_id=repo_id,
+                                repo_type="dataset", token=token)
+        datasets.load_from_disk(str(run_dir / "hf")).push_to_hub(repo_id, token=token, private=private)
+        api.create_tag(repo_id, tag=version, repo_type="dataset", token=token, exist_ok=True)
+        return f"https://huggingface.co/datasets/{repo_id}/tree/{version}"
+    except Exception as err:  # HTTP errors are requests', httpx's or HfHubHTTPError by hub version: all one sentence
+        reason = (str(err).splitlines() or [type(err).__name__])[0].replace(token, "***")
+    # Raised outside the handler so that no chained exception carries the token along.
+    raise UserError(f"Pushing to {repo_id} failed ({reason}); check {token_env} and the repo name.")
+
+
+def main() -> None:
+    from pipelines.dataset_card import write_dataset_card
+
+    p = argparse.ArgumentParser(description="Publish a finished run: hf/, llava/, README.md card, optional Hub push.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--validation-fraction", type=float, default=0.05)
+    p.add_argument("--push", metavar="REPO_ID", help="push to this Hub dataset repo (token from $HF_TOKEN)")
+    args = p.parse_args()
+    manifest_path = args.run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"{manifest_path} does not exist; publish a finished run's directory.")
+    manifest = json.loads(manifest_path.read_text())
+    counts = publish_dataset(args.run_dir, args.validation_fraction)
+    print(f"published {json.dumps(counts)} -> {args.run_dir / 'hf'}, {args.run_dir / 'llava'}")
+    print(f"card: {write_dataset_card(args.run_dir, manifest, counts)}")
+    if args.push:
+        print(f"pushed: {push_to_hub(args.run_dir, args.push, manifest['version'])}")
+
+
+if __name__ == "__main__":
+    from pipelines.cli import exit_on_user_error
+
+    exit_on_user_error(main)

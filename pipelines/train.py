@@ -1,0 +1,54 @@
+r"""Train the VLM, one stage per run (a plain script, so it also runs as a Ray job):
+
+    python pipelines/train.py --stage align --data data.json --image-folder images/ --out outputs/train/align
+    python pipelines/train.py --stage finetune --data instruct.json --image-folder images/ \
+        --init outputs/train/align --out outputs/train/finetune [--lora true]
+    python pipelines/train.py --stage finetune --dataset outputs/sample --version v-... \
+        --init outputs/train/align --out outputs/train/ft
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipelines/train.py --stage align ...
+
+Every TrainConfig field is a flag (`--max-steps 100 --batch-size 8 --grad-accum 4 --lr 1e-3 --max-length 512
+--seed 0 --save-every 50`); nested ones take `--set model.projector=linear`; `--config` reads a YAML base.
+With `--init`, the architecture (`model`) comes from that checkpoint unless set otherwise (which then
+must agree). Re-running with the same --out resumes from its newest checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
+
+from pipelines.cli import exit_on_user_error  # noqa: E402
+from trainer.config import TrainConfig, build_config, cli_parser, flag_fields, flag_value, read_yaml  # noqa: E402
+
+
+def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
+    args = cli_parser("Train the LLaVA-style VLM: one stage (align or finetune) per run.").parse_args(argv)
+    tree = read_yaml(args.config) if args.config else {}
+    tree.update({name: flag_value(name, getattr(args, name)) for name in flag_fields() if name in vars(args)})
+    config = build_config(tree, args.overrides)
+    if config.init is None:
+        return config
+    from trainer.checkpoint import find_checkpoint, saved_config
+
+    inherited = saved_config(find_checkpoint(config.init)).model.model_dump(mode="json")
+    return build_config(tree, args.overrides, inherit_model=inherited)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def run() -> None:
+        from trainer.train import Trainer
+
+        config = parse_train_config(argv)
+        history = Trainer(config).run()
+        if history:
+            print(f"{config.stage}: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "
+                  f"checkpoints and metrics.jsonl in {config.out}")
+
+    exit_on_user_error(run)
+
+
+if __name__ == "__main__":
+    main()

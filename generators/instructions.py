@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 
 from generators.absent_objects import Probe, record_objects
 from generators.prompts import (PROMPT_VERSION, Conversation, Description, Reasoning, rephrase_messages,
@@ -88,7 +89,12 @@ class InstructionGenerator:
     def __call__(self, records: list[ImageRecord]) -> StageResult:
         plans = [(record, self.plan(record), TeacherUsage()) for record in records]
         requests = [self.requests(record, kind, usage) for record, kinds, usage in plans for kind in kinds]
+        start = time.perf_counter()
         answers = iter(self.client.run_all(requests))
+        total = self.client.usage
+        print(f"generate: {len(records)} images, {len(requests)} requests in {time.perf_counter() - start:.1f} s "
+              f"(worker total: {total.requests} sent, {total.cache_hits} cached, {sum(total.retries.values())} retried, "
+              f"{total.completion_tokens} tokens out)", flush=True)
         result = StageResult()
         for record, kinds, usage in plans:
             got = [(kind, next(answers)) for kind in kinds]

@@ -17,7 +17,7 @@ from infra.local_cluster import dashboard_url, ray_executable, start_head, stop_
 from infra.world_noise import prepare_world
 from infra.world_server import WorldServer
 from pipelines.cli import exit_on_user_error, parser
-from pipelines.run import RunDirectory, format_summary
+from pipelines.run import RunDirectory, code_revision, format_summary
 from schemas.config import load_config
 from schemas.errors import UserError
 
@@ -26,7 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def submit_command(config_path: str, overrides: list[str]) -> list[str]:
     flags = [a for o in overrides for a in ("--set", o)]
-    return [ray_executable(), "job", "submit", "--address", dashboard_url(), "--working-dir", str(REPO), "--",
+    # The job runs in a copy of the repo without .git: tell it which commit it is.
+    runtime_env = json.dumps({"env_vars": {"VISINSTRUCT_CODE_REVISION": code_revision()}})
+    return [ray_executable(), "job", "submit", "--address", dashboard_url(), "--working-dir", str(REPO),
+            "--runtime-env-json", runtime_env, "--",
             sys.executable, "pipelines/build_instruct.py", "--config", config_path, *flags]
 
 

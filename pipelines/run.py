@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -34,6 +35,10 @@ from schemas.records import reason_kind
 
 
 def code_revision() -> str:
+    """The git commit of the code; a Ray job runs in a copy without .git, so its submitter passes
+    VISINSTRUCT_CODE_REVISION (infra/demo.py does)."""
+    if revision := os.environ.get("VISINSTRUCT_CODE_REVISION"):
+        return revision
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)

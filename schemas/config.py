@@ -202,18 +202,22 @@ def describe_validation_error(err: ValidationError) -> str:
     return f"Bad config value {where}={first.get('input')!r}: {first['msg']}{extra}."
 
 
+def read_yaml(path: str | Path, example: str = "configs/sample.yaml") -> dict[str, Any]:
+    """A YAML mapping from a file; a missing file, bad YAML or a non-mapping is one sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist; pass --config with a YAML file such as {example}.")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"Config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"Config file {path} must hold a mapping of sections, not {type(tree).__name__}.")
+    return tree
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"Config file {path} does not exist; pass --config with a YAML file such as configs/sample.yaml.")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"Config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"Config file {path} must hold a mapping of sections, not {type(tree).__name__}.")
+    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
     for assignment in overrides:
         apply_override(tree, assignment)
     try:

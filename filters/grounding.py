@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from generators.vocabulary import COCO_CATEGORIES, NUMBER_WORDS, mention_pattern, surface_forms
-from schemas.records import ImageRecord, ObjectAnnotation, StageResult
+from schemas.records import ImageRecord, ObjectAnnotation, StageResult, llava_conversation
 
 _NEGATORS = {"no", "not", "never", "without", "none", "neither", "nor", "nothing", "cannot", "absent", "lacks"}
 _CLAUSE = re.compile(r"[.;:!?,]|\bbut\b|\bwhile\b|\bwhereas\b|\bhowever\b", re.IGNORECASE)
@@ -103,11 +103,7 @@ class GroundingVerifier:
                     answer = probe["answer"]  # the program's answer: grounded by construction
                 good.append((question, answer))
             if good:
-                conversations = []
-                for j, (question, answer) in enumerate(good):
-                    conversations += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + question},
-                                      {"from": "gpt", "value": answer}]
-                kept.append({**item, "conversations": conversations})
+                kept.append({**item, "conversations": llava_conversation(good)})
         return kept, rejected
 
     def __call__(self, records: list[ImageRecord]) -> StageResult:

@@ -19,7 +19,7 @@ from generators.prompts import (PROMPT_VERSION, Conversation, Description, Reaso
 from generators.teacher import TeacherClient, TeacherError, TeacherRequest, TeacherUsage
 from generators.teacher_cache import TeacherCache
 from schemas.config import GenerateConfig, TeacherConfig
-from schemas.records import ImageRecord, StageResult
+from schemas.records import ImageRecord, StageResult, llava_conversation
 
 TEACHER_TYPES = {"conversation": Conversation, "detail": Description, "reasoning": Reasoning}
 
@@ -36,13 +36,6 @@ DETAIL_PROMPTS = (
 
 def _rng(seed: int, uid: str) -> random.Random:
     return random.Random(int(hashlib.sha256(f"{seed}|{uid}".encode()).hexdigest()[:16], 16))
-
-
-def _conversation(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
-    turns = []
-    for i, (question, answer) in enumerate(pairs):
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question}, {"from": "gpt", "value": answer}]
-    return turns
 
 
 class InstructionGenerator:
@@ -83,7 +76,7 @@ class InstructionGenerator:
         provenance = {"uid": record.uid, "source_url": record.url, "type": kind, "prompt_version": PROMPT_VERSION,
                       "teacher_model": self.teacher.model,
                       "objects_source": sorted({o.source for o in objects}) or ["none"]}
-        return {"id": f"{record.uid}-{kind}", "type": kind, "conversations": _conversation(pairs),
+        return {"id": f"{record.uid}-{kind}", "type": kind, "conversations": llava_conversation(pairs),
                 "provenance": provenance}
 
     def __call__(self, records: list[ImageRecord]) -> StageResult:

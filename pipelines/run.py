@@ -140,13 +140,13 @@ class RunDirectory:
                                                           stage_order)
         published = publish_dataset(self.work, self.config.publish.validation_fraction, self.config.teacher.seed)
         counts["published"] = published
+        generated = [r for d in (records, dropped) for r in read_rows(d, ["rejected_turns", "teacher_usage"])]
         counts["rejected_turns"] = dict(sorted(Counter(
-            f"{turn['type']}:{reason_kind(turn['reason'])}" for d in (records, dropped)
-            for r in read_rows(d, ["rejected_turns"]) for turn in json.loads(r["rejected_turns"] or "[]")).items()))
+            f"{turn['type']}:{reason_kind(turn['reason'])}" for r in generated
+            for turn in json.loads(r["rejected_turns"] or "[]")).items()))
         if self.config.evaluate.ground_truth:
             counts["grounding_eval"] = evaluate_grounding(self.config, records, dropped, num_rows)
-        usage = TeacherUsage.total([json.loads(r["teacher_usage"]) for d in (records, dropped)
-                                    for r in read_rows(d, ["teacher_usage"]) if r["teacher_usage"]])
+        usage = TeacherUsage.total([json.loads(r["teacher_usage"]) for r in generated if r["teacher_usage"]])
         teacher = {"kind": self.config.teacher.kind, "model": self.config.teacher.model,
                    "prompt_version": PROMPT_VERSION, "usage": usage}
         manifest = build_manifest(self, counts, seconds, {"teacher": teacher, **(extra or {})})

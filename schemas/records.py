@@ -81,6 +81,14 @@ class ObjectAnnotation(BaseModel):
         return self
 
 
+def llava_conversation(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """(question, answer) pairs as LLaVA's `conversations`: human/gpt turns, `<image>` in the first human turn."""
+    turns = []
+    for i, (question, answer) in enumerate(pairs):
+        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question}, {"from": "gpt", "value": answer}]
+    return turns
+
+
 @dataclass
 class StageResult:
     """What a stage returns for a batch: the records it keeps and those it drops (each with a reason)."""

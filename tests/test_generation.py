@@ -8,7 +8,7 @@ from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.teacher_cache import TeacherCache, cache_key
 from generators.vocabulary import COCO_CATEGORIES
 from schemas.config import GenerateConfig, ObjectsConfig
-from schemas.records import ImageRecord, ObjectAnnotation
+from schemas.records import ImageRecord, ObjectAnnotation, llava_conversation
 
 
 def obj(category: str, x0: float = 0.1, x1: float = 0.2) -> ObjectAnnotation:
@@ -82,10 +82,7 @@ def test_mentions_understand_negation_plurals_synonyms_and_counts():
 
 
 def llava(kind: str, pairs: list[tuple[str, str]]) -> dict:
-    turns = []
-    for i, (q, a) in enumerate(pairs):
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
-    return {"id": f"u-{kind}", "type": kind, "conversations": turns, "provenance": {}}
+    return {"id": f"u-{kind}", "type": kind, "conversations": llava_conversation(pairs), "provenance": {}}
 
 
 def test_verifier_removes_ungrounded_turns_with_reasons_and_keeps_the_rest():

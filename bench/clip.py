@@ -5,8 +5,10 @@
 
 "Pipeline" is what a Ray actor / Beam DoFn runs per batch: record rows (JPEG bytes + caption)
 through `StageBatches(ClipScorer)` — decode, preprocess, tokenize, both towers, normalize,
-annotate. "Bare" is `encode_image` + `encode_text` on the same batches already decoded,
-preprocessed and tokenized. Reps alternate pipeline/bare; the ratio is the median of per-rep ratios.
+annotate. "Bare" is the same model forwards on the same batches already decoded, preprocessed
+and tokenized: `encode_image` once per image view the stage embeds (the full image, plus one
+centre crop per extra `dedup.crop_scales` entry when dedup has an embedding of its own) and
+`encode_text`. Reps alternate pipeline/bare; the ratio is the median of per-rep ratios.
 Saves bench/results/clip.json.
 """
 from __future__ import annotations
@@ -24,10 +26,10 @@ import torch
 from PIL import Image
 
 from filters.clip_loader import load_clip
-from filters.clip_scorer import ClipScorer
+from filters.clip_scorer import ClipScorer, centre_crop
 from infra.sample_world import captions_for, plan_scene, render_scene
 from pipelines.stages import StageBatches
-from schemas.config import ClipConfig, load_config
+from schemas.config import ClipConfig, DedupConfig, load_config
 from schemas.records import ImageRecord
 
 RESULTS = Path(__file__).resolve().parent / "results" / "clip.json"
@@ -44,18 +46,21 @@ def sample_rows(n: int) -> list[dict]:
     return rows
 
 
-def measure(config: ClipConfig, rows: list[dict], reps: int) -> dict:
+def measure(config: ClipConfig, dedup: DedupConfig, rows: list[dict], reps: int) -> dict:
     clip = load_clip(config)
-    stage = StageBatches("clip_score", partial(ClipScorer, config, clip))
+    stage = StageBatches("clip_score", partial(ClipScorer, config, clip, dedup=dedup))
     bs = config.batch_size
     batches = [rows[i:i + bs] for i in range(0, len(rows) - bs + 1, bs)]
-    pixels = [torch.stack([clip.preprocess(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in b]) for b in batches]
+    views = [1.0] + ([s for s in dedup.crop_scales if s != 1.0] if dedup.separate_embedding else [])
+    decoded = [[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in b] for b in batches]
+    pixels = [[torch.stack([clip.preprocess(centre_crop(im, s)) for im in b]) for s in views] for b in decoded]
     tokens = [clip.tokenizer([r["caption"] for r in b]) for b in batches]
 
     def bare() -> None:
         with torch.inference_mode():
-            for p, t in zip(pixels, tokens):
-                clip.model.encode_image(p.to(clip.device))
+            for views_of_batch, t in zip(pixels, tokens):
+                for p in views_of_batch:
+                    clip.model.encode_image(p.to(clip.device))
                 clip.model.encode_text(t.to(clip.device))
         if clip.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -72,7 +77,8 @@ def measure(config: ClipConfig, rows: list[dict], reps: int) -> dict:
         per_rep.append({"pipeline_images_per_s": images / (t1 - t0), "bare_images_per_s": images / (t2 - t1),
                         "ratio": (t2 - t1) / (t1 - t0)})
     return {"model": clip.name, "device": clip.device, "batch_size": bs, "images_per_rep": images,
-            "image_size": int(pixels[0].shape[-1]),
+            "image_size": int(pixels[0][0].shape[-1]), "image_views": views,
+            "dedup_embedding": dedup.embedding if dedup.separate_embedding else "the CLIP embedding",
             "per_rep": per_rep,
             "median_pipeline_images_per_s": statistics.median(r["pipeline_images_per_s"] for r in per_rep),
             "median_bare_images_per_s": statistics.median(r["bare_images_per_s"] for r in per_rep),
@@ -83,20 +89,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    sample = load_config("configs/sample.yaml").clip
-    models = {
-        "sample_clip": (sample.model_copy(update={"batch_size": 64}), 512 if not args.quick else 128),
+    sample = load_config("configs/sample.yaml")
+    sample_clip = sample.clip.model_copy(update={"batch_size": 64})
+    models = {  # label: (clip, dedup, images)
+        "sample_clip": (sample_clip, DedupConfig(), 512 if not args.quick else 128),
+        "sample_clip + sample.yaml dedup embedding": (sample_clip, sample.dedup, 512 if not args.quick else 128),
         "ViT-B-32@224 (random weights)": (ClipConfig(model="ViT-B-32", pretrained=None, config_path=None, batch_size=32),
-                                          128 if not args.quick else 32),
+                                          DedupConfig(), 128 if not args.quick else 32),
     }
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "loadavg_before": os.getloadavg(), "target_ratio": 0.9,
                "models": {}}
-    for label, (config, n) in models.items():
-        figures = measure(config, sample_rows(n), reps=3 if not args.quick else 1)
+    for label, (config, dedup, n) in models.items():
+        figures = measure(config, dedup, sample_rows(n), reps=3 if not args.quick else 1)
         figures["target_met"] = figures["median_ratio"] >= 0.9
         results["models"][label] = figures
-        print(f"{label:32s} {figures['device']}: pipeline {figures['median_pipeline_images_per_s']:8.1f} img/s  "
+        print(f"{label:42s} {figures['device']}: pipeline {figures['median_pipeline_images_per_s']:8.1f} img/s  "
               f"bare {figures['median_bare_images_per_s']:8.1f} img/s  ratio {figures['median_ratio']:.3f}")
     results["loadavg_after"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

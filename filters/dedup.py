@@ -194,4 +194,5 @@ class DuplicateFilter(RecordFilter):
         self.reasons = reasons
 
     def check(self, record: ImageRecord) -> tuple[str | None, ImageRecord]:
-        return self.reasons.get(record.uid), record
+        kept = record if record.dedup_embedding is None else record.model_copy(update={"dedup_embedding": None})
+        return self.reasons.get(record.uid), kept

@@ -44,6 +44,7 @@ RECORD_SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("clip_score", pa.float32()),
         ("embedding", pa.list_(pa.float32())),
+        ("dedup_embedding", pa.list_(pa.float32())),
         ("objects", pa.string()),
         ("probes", pa.string()),
         ("instructions", pa.string()),
@@ -79,9 +80,13 @@ def _scores(table: pa.Table) -> np.ndarray:
     return table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
 
 
+def dedup_column(config: PipelineConfig) -> str:
+    return "dedup_embedding" if config.dedup.separate_embedding else "embedding"
+
+
 def fit_dedup(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
     # Straight from Arrow to one [N, D] float32 array: no per-float Python objects at 1M x 512.
-    values = table.column("embedding").combine_chunks().flatten().to_numpy()
+    values = table.column(dedup_column(config)).combine_chunks().flatten().to_numpy()
     embeddings = values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
     return NearDuplicateIndex(config.dedup).fit(table.column("uid").to_pylist(), embeddings, _scores(table),
                                                 table.column("sha256").to_pylist())
@@ -108,14 +113,15 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
     gpus = 1 if config.clip.device != "cpu" and _cuda_available() else 0
     plan: list[MapStage | GlobalStage] = [
         MapStage("validate", partial(ImageValidator, config.validate_)),
-        MapStage("clip_score", partial(ClipScorer, config.clip), uses_model=True, batch_size=config.clip.batch_size,
+        MapStage("clip_score", partial(ClipScorer, config.clip, dedup=config.dedup if config.dedup.enabled else None),
+                 uses_model=True, batch_size=config.clip.batch_size,
                  num_actors=config.clip.num_actors, num_gpus=gpus),
         GlobalStage("clip_filter", ["clip_score"],
                     lambda table: fit_clip_threshold(config.clip, _scores(table)),
                     ClipScoreFilter),
     ]
     if config.dedup.enabled:
-        plan.append(GlobalStage("dedup", ["uid", "embedding", "clip_score", "sha256"], partial(fit_dedup, config),
+        plan.append(GlobalStage("dedup", ["uid", dedup_column(config), "clip_score", "sha256"], partial(fit_dedup, config),
                                 DuplicateFilter))
     plan += [
         MapStage("objects", partial(ObjectFinder, config.objects, config.clip)),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas.errors import UserError
 
@@ -75,6 +75,27 @@ class DedupConfig(_Section):
     # planted pairs and ~10x faster there (bench/dedup.py).
     exact_search_max: int = Field(default=10_000, ge=1, description="above this many images, IVF clusters")
     num_clusters: int | None = Field(default=None, ge=1, description="IVF clusters; default sqrt(N)")
+    # The image embedding near-duplicates are judged on, computed by the CLIP stage. `clip`: the CLIP
+    # embedding (SemDeDup's choice; semantic duplicates count too). `clip_and_patch_tokens`: that embedding
+    # next to the image tower's final patch-token grid, each L2-normalized (so the cosine is the mean of the
+    # two); the grid keeps where things are, so two different photos of the same things stay apart
+    # (ViT towers only; D = embed_dim + tokens x width, 128 + 3200 for the sample CLIP).
+    embedding: Literal["clip", "clip_and_patch_tokens"] = "clip"
+    # Averaged over centre crops keeping these fractions of each side, so that a copy cropped or zoomed by
+    # a few percent embeds where its original does; each scale costs one more image-tower forward.
+    crop_scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+
+    @field_validator("crop_scales")
+    @classmethod
+    def _scales_in_range(cls, scales: list[float]) -> list[float]:
+        if not all(0.5 <= s <= 1.0 for s in scales):
+            raise ValueError(f"dedup.crop_scales {scales} must each be between 0.5 and 1.0")
+        return scales
+
+    @property
+    def separate_embedding(self) -> bool:
+        """Whether dedup needs its own embedding column rather than the CLIP `embedding`."""
+        return self.embedding != "clip" or self.crop_scales != [1.0]
 
 
 class ObjectsConfig(_Section):

@@ -44,6 +44,9 @@ class ImageRecord(BaseModel):
     image: bytes | None = Field(default=None, repr=False)  # encoded image (RGB JPEG/PNG once validated)
     clip_score: float | None = None  # cosine(image, caption) under the configured CLIP
     embedding: list[float] | None = Field(default=None, repr=False)  # L2-normalized CLIP image embedding
+    # L2-normalized embedding dedup compares when dedup.embedding / crop_scales ask for one of their own;
+    # dedup clears it on the records it keeps.
+    dedup_embedding: list[float] | None = Field(default=None, repr=False)
     # Generation columns, JSON text so every engine stores them alike (see generators/):
     objects: str | None = None  # [ObjectAnnotation]
     probes: str | None = None  # [Probe]: program-labelled yes/no questions
@@ -58,7 +61,8 @@ class ImageRecord(BaseModel):
         return self
 
     def dropped(self, stage: str, reason: str) -> "ImageRecord":
-        return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason, "image": None, "embedding": None})
+        return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason, "image": None, "embedding": None,
+                                         "dedup_embedding": None})
 
 
 class ObjectAnnotation(BaseModel):

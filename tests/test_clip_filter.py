@@ -9,7 +9,8 @@ from PIL import Image
 
 from filters import clip_loader
 from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
-from schemas.config import ClipConfig
+from filters.dedup import DuplicateFilter
+from schemas.config import ClipConfig, DedupConfig
 from schemas.errors import UserError
 from schemas.records import ImageRecord
 from tests.tiny_clip import write_tiny_clip
@@ -50,6 +51,37 @@ def test_scores_do_not_depend_on_batch_size(tiny):
     one = ClipScorer(tiny.model_copy(update={"batch_size": 1}))([*records(4)])
     many = ClipScorer(tiny.model_copy(update={"batch_size": 64}))([*records(4)])
     np.testing.assert_allclose([r.clip_score for r in one.kept], [r.clip_score for r in many.kept], atol=1e-5)
+
+
+def test_batched_preprocess_equals_open_clips_own_bit_for_bit(tiny):
+    import torch
+
+    scorer = ClipScorer(tiny)
+    images = [Image.open(io.BytesIO(jpeg(c, size))).convert("RGB")
+              for c, size in [("red", (48, 40)), ("blue", (17, 90)), ("white", (200, 33)), ("green", (24, 24))]]
+    own = torch.stack([scorer.clip.preprocess(im) for im in images])
+    assert torch.equal(scorer.preprocess(images), own)
+
+
+def test_patch_token_dedup_embedding_is_unit_and_cleared_once_dedup_ran(tiny):
+    dedup = DedupConfig(embedding="clip_and_patch_tokens", crop_scales=[1.0, 0.8])
+    result = ClipScorer(tiny, dedup=dedup)(records(4))
+    grid = ClipScorer(tiny).clip.model.visual.grid_size  # tokens per side
+    width = ClipScorer(tiny).clip.model.visual.transformer.width
+    emb = np.array([r.dedup_embedding for r in result.kept])
+    assert emb.shape == (4, 32 + grid[0] * grid[1] * width)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # The CLIP embedding and score are those of the full image, whatever dedup asks for.
+    plain = ClipScorer(tiny)(records(4))
+    np.testing.assert_allclose([r.clip_score for r in result.kept], [r.clip_score for r in plain.kept], atol=1e-6)
+    assert all(r.dedup_embedding is None for r in plain.kept)  # dedup.embedding=clip: nothing extra stored
+    after = DuplicateFilter({})(result.kept)
+    assert len(after.kept) == 4 and all(r.dedup_embedding is None for r in after.kept)
+
+
+def test_crop_scales_outside_the_image_are_refused():
+    with pytest.raises(ValueError, match="crop_scales"):
+        DedupConfig(crop_scales=[1.0, 0.2])
 
 
 def scored(scores) -> list[ImageRecord]:

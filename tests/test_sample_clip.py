@@ -45,3 +45,31 @@ def test_own_caption_beats_another_scenes_caption(clip):
     own_cos, foreign_cos = (image_emb * own_emb).sum(-1), (image_emb * foreign_emb).sum(-1)  # [20]
     assert (own_cos > foreign_cos).sum() >= 18, list(zip(own, foreign, own_cos.tolist(), foreign_cos.tolist()))
     assert float((own_cos - foreign_cos).mean()) > 0.3  # the shipped model: ~0.5
+
+
+def test_dedup_embedding_finds_a_cropped_copy_but_not_a_look_alike():
+    """The sample config's dedup embedding (patch tokens over 3 crop scales) puts a near-duplicate
+    (re-rendered with jitter, border-cropped, re-encoded) within 1 - eps of its original, and other
+    images of the same scene type outside it."""
+    import io
+
+    from PIL import Image
+
+    from filters.clip_scorer import ClipScorer
+    from infra.world_noise import near_duplicate
+    from schemas.config import load_config
+
+    config = load_config(CLIP_DIR.parents[1] / "configs" / "sample.yaml")
+    scorer = ClipScorer(config.clip.model_copy(update={"device": "cpu"}), dedup=config.dedup)
+    rng = np.random.default_rng(3)
+    layouts = [plan_scene(i, 5) for i in range(1, 200)]  # seed 5: a world no setting was chosen on
+    originals = layouts[:12]
+    copies = [Image.open(io.BytesIO(near_duplicate(layout, rng))).convert("RGB") for layout in originals]
+    clip_emb, dedup_emb = scorer.embed_images_for_dedup([render_scene(layout) for layout in layouts] + copies)
+    n = len(layouts)
+    copy_cos = (dedup_emb[:12] * dedup_emb[n:]).sum(-1)  # [12]
+    same_scene = np.array([[a.scene == b.scene and a is not b for b in layouts] for a in originals])  # [12, n]
+    look_alike = np.where(same_scene, dedup_emb[:12] @ dedup_emb[:n].T, -1).max(axis=1)  # [12]
+    assert (copy_cos >= 1 - config.dedup.eps).all(), copy_cos
+    assert (look_alike < 1 - config.dedup.eps).all(), look_alike
+    assert clip_emb.shape == (n + 12, 128) and dedup_emb.shape == (n + 12, 128 + 25 * 128)

@@ -31,14 +31,17 @@ PERCENTILES = (0, 1, 5, 25, 50, 75, 95, 99, 100)
 
 
 class Embedder:
-    """The pipeline's own `ClipScorer` pointed at a checkpoint: L2-normalised [N, D] float32 embeddings."""
+    """The pipeline's own `ClipScorer` pointed at a checkpoint: L2-normalised [N, D] float32 embeddings.
 
-    def __init__(self, checkpoint: Path, batch_size: int = 256):
+    With `dedup` (a DedupConfig), `images` returns the embedding dedup compares instead of the CLIP one.
+    """
+
+    def __init__(self, checkpoint: Path, batch_size: int = 256, dedup=None):
         from filters.clip_scorer import ClipScorer
         from schemas.config import ClipConfig
         self.scorer = ClipScorer(ClipConfig(model=MODEL_NAME, pretrained=str(checkpoint), config_path=str(CONFIG_PATH),
-                                            device="cpu", batch_size=batch_size))
-        self.model, self.batch_size = self.scorer.clip.model, batch_size
+                                            device="cpu", batch_size=batch_size), dedup=dedup)
+        self.model, self.batch_size, self.dedup = self.scorer.clip.model, batch_size, self.scorer.dedup
 
     def images(self, images: list) -> np.ndarray:
         """Paths, file objects or PIL images; opened a batch at a time to keep memory flat."""
@@ -46,7 +49,8 @@ class Embedder:
         out = []
         for start in tqdm(range(0, len(images), self.batch_size), desc="images", unit="batch", leave=False):
             batch = [im if isinstance(im, Image.Image) else Image.open(im) for im in images[start:start + self.batch_size]]
-            out.append(self.scorer.embed_images([im.convert("RGB") for im in batch]))
+            clip_emb, dedup_emb = self.scorer.embed_images_for_dedup([im.convert("RGB") for im in batch])
+            out.append(clip_emb if dedup_emb is None else dedup_emb)
         return np.concatenate(out)
 
     def texts(self, texts: list[str]) -> np.ndarray:
@@ -180,13 +184,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--filter-world", type=Path, default=Path("/tmp/w0"), help="a seed-0 world; rendered if absent")
     parser.add_argument("--filter-images", type=int, default=2000)
     parser.add_argument("--near-duplicates", type=int, default=200)
+    parser.add_argument("--dedup-world", type=Path, default=Path("/tmp/w2"),
+                        help="a seed-2 world (neither the CLIP's nor the demo's) for choosing dedup.eps; rendered if absent")
+    parser.add_argument("--config", type=Path, default=Path("configs/sample.yaml"), help="whose dedup settings to measure")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=CLIP_DIR / "metrics.json")
     args = parser.parse_args(argv)
 
     import torch
     torch.set_num_threads(1)  # 2 OpenMP threads on 2 shared cores spin-wait on each other (see train_sample_clip.py)
+    ensure_world(args.val_world, 10_000, 1_000, seed=1)  # train_sample_clip.py's world, images identical
     ensure_world(args.filter_world, args.filter_images, 0, seed=0)
+    ensure_world(args.dedup_world, args.filter_images, 0, seed=2)
+    from schemas.config import load_config
+    dedup = load_config(args.config).dedup
     embed = Embedder(args.checkpoint)
     metrics = {
         "checkpoint": str(args.checkpoint),
@@ -196,6 +207,13 @@ def main(argv: list[str] | None = None) -> None:
         "caption_mismatch": caption_mismatch(embed, args.filter_world, np.random.default_rng([args.seed, 2])),
         "near_duplicates": near_duplicates(embed, args.filter_world, args.near_duplicates,
                                            np.random.default_rng([args.seed, 3])),
+        # What the pipeline's dedup compares (dedup.embedding, dedup.crop_scales of --config), on a world
+        # no setting was chosen on before: dedup.eps comes from here.
+        "near_duplicates_dedup_embedding": {
+            "embedding": dedup.embedding, "crop_scales": dedup.crop_scales,
+            **near_duplicates(Embedder(args.checkpoint, dedup=dedup), args.dedup_world, args.near_duplicates,
+                              np.random.default_rng([args.seed, 4])),
+        },
     }
     args.out.write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))

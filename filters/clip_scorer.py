@@ -8,6 +8,7 @@ top 30%), then `ClipScoreFilter` applies it per batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -36,50 +37,136 @@ class _BatchedPreprocess:
 
     Per image only the PIL steps run (resize, centre crop, RGB), in threads: PIL releases the GIL while
     it decodes and resamples. The result equals `preprocess` image by image, bit for bit (a test checks).
-    A preprocess of another shape runs as it is, image by image.
+    A preprocess of another shape runs as it is, image by image (`batched` is then False).
     """
 
     def __init__(self, preprocess, workers: int):
         from torchvision import transforms as T
 
         steps = list(getattr(preprocess, "transforms", []))
-        batched = len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize)
-        self.per_image = T.Compose(steps[:-2]) if batched else preprocess
-        self.normalize = steps[-1] if batched else None
+        self.batched = len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize)
+        self.per_image = T.Compose(steps[:-2]) if self.batched else preprocess
+        self.normalize = steps[-1] if self.batched else None
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
     def map(self, fn, items: list) -> list:
         return list(self.pool.map(fn, items)) if self.pool and len(items) > 1 else [fn(x) for x in items]
 
-    def __call__(self, images: list[Image.Image]):
+    def arrays(self, images: list[Image.Image]) -> np.ndarray:
+        """[B, H, W, 3] uint8: the images resized and cropped for the model (batched preprocess only)."""
+        return np.stack([np.asarray(im, dtype=np.uint8) for im in self.map(self.per_image, images)])
+
+    def tensor(self, arrays: np.ndarray):
+        """[B, H, W, 3] uint8 -> [B, 3, H, W] float, as ToTensor + Normalize."""
         import torch
 
-        done = self.map(self.per_image, images)
-        if self.normalize is None:
-            return torch.stack(done)  # [B, 3, H, W]
-        pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in done]))  # [B, H, W, 3]
-        pixels = pixels.permute(0, 3, 1, 2).float().div_(255)  # [B, 3, H, W], as ToTensor
+        pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255)
         mean = torch.tensor(self.normalize.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.normalize.std).view(1, -1, 1, 1)
         return pixels.sub_(mean).div_(std)
 
+    def __call__(self, images: list[Image.Image]):
+        import torch
 
-class ClipScorer:
-    name = "clip_score"
+        if not self.batched:
+            return torch.stack(self.map(self.per_image, images))  # [B, 3, H, W]
+        return self.tensor(self.arrays(images))
 
-    def __init__(self, config: ClipConfig, clip: LoadedClip | None = None, dedup: DedupConfig | None = None):
+
+def image_views(dedup: DedupConfig | None) -> list[float]:
+    """The crop scales the CLIP stage embeds: the full image first, then dedup's other crop scales."""
+    return [1.0] + [s for s in (dedup.crop_scales if dedup else []) if s != 1.0]
+
+
+class _ClipStage:
+    """What both halves share: the model's transforms and how an encoded image is decoded."""
+
+    def __init__(self, config: ClipConfig, clip: LoadedClip | None, dedup: DedupConfig | None):
         self.config = config
         self.clip = clip or load_clip(config)
         self.dedup = dedup if dedup is not None and dedup.separate_embedding else None
-        if self.dedup and self.dedup.embedding == "clip_and_patch_tokens" and not hasattr(self.clip.model.visual, "output_tokens"):
-            raise UserError(f"dedup.embedding=clip_and_patch_tokens needs a ViT image tower and {self.clip.name} has a "
-                            f"{type(self.clip.model.visual).__name__}; use dedup.embedding=clip.")
+        self.views = image_views(self.dedup)
         self.preprocess = _BatchedPreprocess(self.clip.preprocess, workers=min(4, os.cpu_count() or 1))
 
     @property
-    def input_side(self) -> int:
+    def input_hw(self) -> tuple[int, int]:
         size = self.clip.model.visual.image_size
-        return int(max(size) if isinstance(size, (tuple, list)) else size)
+        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+    @property
+    def input_side(self) -> int:
+        return max(self.input_hw)
+
+    def _decode(self, record: ImageRecord) -> Image.Image | Exception:
+        try:
+            image = Image.open(io.BytesIO(record.image))
+            # JPEGs decode straight at 1/2, 1/4 or 1/8 scale when that still covers the model's input
+            # at the smallest crop: the decode and the resize after it touch 4-64x fewer pixels.
+            side = int(self.input_side / min(self.views)) + 1
+            image.draft("RGB", (side, side))
+            return image.convert("RGB")
+        except Exception as err:  # noqa: BLE001 - validate decoded it; a failure here is still per record
+            return err
+
+    def _decode_all(self, records: list[ImageRecord], result: StageResult) -> tuple[list[ImageRecord], list[Image.Image]]:
+        """(records that decoded, their images); the others go to `result.dropped` with the reason."""
+        decoded, images = [], []
+        for record, image in zip(records, self.preprocess.map(self._decode, records)):
+            if isinstance(image, Exception):
+                result.dropped.append(record.dropped(self.name, f"decode_error:{type(image).__name__}"))
+            else:
+                decoded.append(record)
+                images.append(image)
+        return decoded, images
+
+
+@functools.lru_cache(maxsize=2)
+def _cpu_clip(config_json: str) -> LoadedClip:
+    """One load per worker process: Ray runs the CPU half as tasks, and a worker process serves many."""
+    return load_clip(ClipConfig.model_validate_json(config_json))
+
+
+class ClipPreprocessor(_ClipStage):
+    """The CPU half of CLIP scoring: decode, crop each view, resize/crop with open_clip's own transforms,
+    tokenize the caption. Records leave with `pixels` (uint8 [views, H, W, 3]) and `tokens`, so the model
+    half (`ClipScorer`, on an actor pool or a GPU) only normalizes and runs the towers: Ray Data's
+    batch-inference shape, where CPU tasks scale out to keep the model fed.
+    """
+
+    name = "clip_preprocess"
+
+    def __init__(self, config: ClipConfig, clip: LoadedClip | None = None, dedup: DedupConfig | None = None):
+        config = config.model_copy(update={"device": "cpu"})
+        super().__init__(config, clip or _cpu_clip(config.model_dump_json()), dedup)
+
+    def __call__(self, records: list[ImageRecord]) -> StageResult:
+        result = StageResult()
+        decoded, images = self._decode_all(records, result)
+        if not decoded:
+            return result
+        if not self.preprocess.batched:  # a preprocess we cannot split: the scorer decodes itself
+            result.kept = decoded
+            return result
+        views = np.stack([self.preprocess.arrays([centre_crop(im, s) for im in images]) for s in self.views], 1)  # [B, V, H, W, 3]
+        tokens = self.clip.tokenizer([r.caption or "" for r in decoded]).numpy()  # [B, context_length]
+        result.kept = [r.model_copy(update={"pixels": v.tobytes(), "tokens": t.tolist()})
+                       for r, v, t in zip(decoded, views, tokens)]
+        return result
+
+
+class ClipScorer(_ClipStage):
+    """The model half: image and caption embeddings, their cosine, and the embedding dedup compares.
+
+    Takes records straight from `ClipPreprocessor` (pixels + tokens) or with only their encoded image.
+    """
+
+    name = "clip_score"
+
+    def __init__(self, config: ClipConfig, clip: LoadedClip | None = None, dedup: DedupConfig | None = None):
+        super().__init__(config, clip, dedup)
+        if self.dedup and self.dedup.embedding == "clip_and_patch_tokens" and not hasattr(self.clip.model.visual, "output_tokens"):
+            raise UserError(f"dedup.embedding=clip_and_patch_tokens needs a ViT image tower and {self.clip.name} has a "
+                            f"{type(self.clip.model.visual).__name__}; use dedup.embedding=clip.")
 
     def _autocast(self):
         import torch
@@ -95,22 +182,29 @@ class ClipScorer:
 
     def embed_images_for_dedup(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
         """([N, D] CLIP embeddings, [N, K] dedup embeddings or None when dedup uses the CLIP ones); L2-normalized."""
+        bs = self.config.batch_size
+        return self._embed_chunks(
+            [[self.preprocess([centre_crop(im, s) for im in images[i:i + bs]]) for s in self.views]
+             for i in range(0, len(images), bs)])
+
+    def _embed_chunks(self, chunks) -> tuple[np.ndarray, np.ndarray | None]:
+        """chunks: iterable of per-view pixel tensors [B, 3, H, W], `self.views` order."""
         import torch
 
         normalize = torch.nn.functional.normalize
-        scales = self.dedup.crop_scales if self.dedup else []
         tokens = bool(self.dedup) and self.dedup.embedding == "clip_and_patch_tokens"
         embeddings, dedup_embeddings = [], []
         with torch.inference_mode(), self._autocast():
-            for start in range(0, len(images), self.config.batch_size):
-                chunk = images[start:start + self.config.batch_size]
-                full = self._encode_image(chunk, tokens)  # ([B, D], [B, T, W] or None)
-                embeddings.append(normalize(full[0].float(), dim=-1).cpu().numpy())
-                if not scales:
+            for views in chunks:
+                encoded = {}  # scale -> (pooled [B, D], patch tokens [B, T, W] or None)
+                for scale, pixels in zip(self.views, views):
+                    encoded[scale] = self._encode_image(pixels.to(self.clip.device), tokens)
+                embeddings.append(normalize(encoded[1.0][0].float(), dim=-1).cpu().numpy())
+                if not self.dedup:
                     continue
                 total = 0
-                for scale in scales:
-                    pooled, grid = full if scale == 1.0 else self._encode_image([centre_crop(im, scale) for im in chunk], tokens)
+                for scale in self.dedup.crop_scales:
+                    pooled, grid = encoded[scale]
                     view = normalize(pooled.float(), dim=-1)  # [B, D]
                     if tokens:  # [B, D + T * W]: the cosine of two such rows is the mean of the two cosines
                         view = torch.cat([view, normalize(grid.flatten(1).float(), dim=-1)], dim=1) / 2 ** 0.5
@@ -120,9 +214,8 @@ class ClipScorer:
             return np.zeros((0, 0), np.float32), None
         return np.concatenate(embeddings), np.concatenate(dedup_embeddings) if dedup_embeddings else None
 
-    def _encode_image(self, images: list[Image.Image], tokens: bool):
-        """(pooled [B, D], patch tokens [B, T, W] or None) of one batch."""
-        pixels = self.preprocess(images).to(self.clip.device)  # [B, 3, H, W]
+    def _encode_image(self, pixels, tokens: bool):
+        """(pooled [B, D], patch tokens [B, T, W] or None) of one batch of pixels [B, 3, H, W]."""
         if not tokens:
             return self.clip.model.encode_image(pixels), None
         visual = self.clip.model.visual
@@ -134,44 +227,46 @@ class ClipScorer:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """[N, D] float32, L2-normalized."""
+        bs = self.config.batch_size
+        return self._embed_tokens(self.clip.tokenizer(texts[i:i + bs]) for i in range(0, len(texts), bs))
+
+    def _embed_tokens(self, chunks) -> np.ndarray:
+        """chunks: iterable of token tensors [B, context_length]."""
         import torch
 
         out = []
         with torch.inference_mode(), self._autocast():
-            for start in range(0, len(texts), self.config.batch_size):
-                tokens = self.clip.tokenizer(texts[start:start + self.config.batch_size])  # [B, context_length]
+            for tokens in chunks:
                 features = self.clip.model.encode_text(tokens.to(self.clip.device))  # [B, D]
                 out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
-    def _decode(self, record: ImageRecord) -> Image.Image | Exception:
-        try:
-            image = Image.open(io.BytesIO(record.image))
-            # JPEGs decode straight at 1/2, 1/4 or 1/8 scale when that still covers the model's input
-            # at the smallest crop: the decode and the resize after it touch 4-64x fewer pixels.
-            side = int(self.input_side / min(self.dedup.crop_scales if self.dedup else [1.0])) + 1
-            image.draft("RGB", (side, side))
-            return image.convert("RGB")
-        except Exception as err:  # noqa: BLE001 - validate decoded it; a failure here is still per record
-            return err
-
     def __call__(self, records: list[ImageRecord]) -> StageResult:
-        result, images, scored = StageResult(), [], []
-        for record, image in zip(records, self.preprocess.map(self._decode, records)):
-            if isinstance(image, Exception):
-                result.dropped.append(record.dropped(self.name, f"decode_error:{type(image).__name__}"))
-            else:
-                images.append(image)
-                scored.append(record)
-        if scored:
+        import torch
+
+        result = StageResult()
+        ready = [r for r in records if r.pixels is not None and r.tokens is not None]
+        if len(ready) == len(records):  # from ClipPreprocessor: normalize and run the towers
+            scored, bs = records, self.config.batch_size
+            views = np.frombuffer(bytearray(b"".join(r.pixels for r in records)), np.uint8)  # writable, for torch
+            views = views.reshape(len(records), len(self.views), *self.input_hw, 3)  # [N, V, H, W, 3]
+            image_emb, dedup_emb = self._embed_chunks(
+                [[self.preprocess.tensor(np.ascontiguousarray(views[i:i + bs, v])) for v in range(len(self.views))]
+                 for i in range(0, len(records), bs)])
+            tokens = torch.tensor([r.tokens for r in records])  # [N, context_length]
+            text_emb = self._embed_tokens(tokens[i:i + bs] for i in range(0, len(records), bs))
+        else:
+            scored, images = self._decode_all(records, result)
+            if not scored:
+                return result
             image_emb, dedup_emb = self.embed_images_for_dedup(images)
             text_emb = self.embed_texts([r.caption or "" for r in scored])
-            cosine = (image_emb * text_emb).sum(axis=1)  # [N]
-            for i, (record, c, e) in enumerate(zip(scored, cosine, image_emb)):
-                update = {"clip_score": float(c), "embedding": e.tolist()}
-                if dedup_emb is not None:
-                    update["dedup_embedding"] = dedup_emb[i].tolist()
-                result.kept.append(record.model_copy(update=update))
+        cosine = (image_emb * text_emb).sum(axis=1)  # [N]
+        for i, (record, c, e) in enumerate(zip(scored, cosine, image_emb)):
+            update = {"clip_score": float(c), "embedding": e.tolist(), "pixels": None, "tokens": None}
+            if dedup_emb is not None:
+                update["dedup_embedding"] = dedup_emb[i].tobytes()
+            result.kept.append(record.model_copy(update=update))
         return result
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
+from filters.clip_scorer import ClipPreprocessor, ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter, NearDuplicateIndex
 from filters.grounding import GroundingVerifier
 from filters.validate import ImageValidator
@@ -44,7 +44,9 @@ RECORD_SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("clip_score", pa.float32()),
         ("embedding", pa.list_(pa.float32())),
-        ("dedup_embedding", pa.list_(pa.float32())),
+        ("dedup_embedding", pa.binary()),
+        ("pixels", pa.binary()),
+        ("tokens", pa.list_(pa.int32())),
         ("objects", pa.string()),
         ("probes", pa.string()),
         ("instructions", pa.string()),
@@ -85,8 +87,15 @@ def dedup_column(config: PipelineConfig) -> str:
 
 
 def fit_dedup(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
+    if table.num_rows == 0:
+        return {}
     # Straight from Arrow to one [N, D] float32 array: no per-float Python objects at 1M x 512.
-    values = table.column(dedup_column(config)).combine_chunks().flatten().to_numpy()
+    column = table.column(dedup_column(config)).combine_chunks()
+    if pa.types.is_binary(column.type):  # dedup_embedding: float32 bytes, one value per row
+        offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]  # [N + 1]
+        values = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].view(np.float32)
+    else:
+        values = column.flatten().to_numpy()
     embeddings = values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
     return NearDuplicateIndex(config.dedup).fit(table.column("uid").to_pylist(), embeddings, _scores(table),
                                                 table.column("sha256").to_pylist())
@@ -111,9 +120,12 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
     """The ordered stage list both engines run. Generation needs `config.teacher.base_url` resolved
     (the embedded teacher's address is known once it started)."""
     gpus = 1 if config.clip.device != "cpu" and _cuda_available() else 0
+    dedup = config.dedup if config.dedup.enabled else None
     plan: list[MapStage | GlobalStage] = [
         MapStage("validate", partial(ImageValidator, config.validate_)),
-        MapStage("clip_score", partial(ClipScorer, config.clip, dedup=config.dedup if config.dedup.enabled else None),
+        # CPU tasks decode and resize; the model actors (GPU when present) only run the towers.
+        MapStage("clip_preprocess", partial(ClipPreprocessor, config.clip, dedup=dedup), batch_size=config.clip.batch_size),
+        MapStage("clip_score", partial(ClipScorer, config.clip, dedup=dedup),
                  uses_model=True, batch_size=config.clip.batch_size,
                  num_actors=config.clip.num_actors, num_gpus=gpus),
         GlobalStage("clip_filter", ["clip_score"],

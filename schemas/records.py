@@ -44,9 +44,13 @@ class ImageRecord(BaseModel):
     image: bytes | None = Field(default=None, repr=False)  # encoded image (RGB JPEG/PNG once validated)
     clip_score: float | None = None  # cosine(image, caption) under the configured CLIP
     embedding: list[float] | None = Field(default=None, repr=False)  # L2-normalized CLIP image embedding
-    # L2-normalized embedding dedup compares when dedup.embedding / crop_scales ask for one of their own;
-    # dedup clears it on the records it keeps.
-    dedup_embedding: list[float] | None = Field(default=None, repr=False)
+    # L2-normalized embedding dedup compares when dedup.embedding / crop_scales ask for one of their own,
+    # float32 bytes (3328 of them for the sample CLIP: a list of floats costs more to build than the model
+    # forward); dedup clears it on the records it keeps.
+    dedup_embedding: bytes | None = Field(default=None, repr=False)
+    # Between the CLIP stage's CPU half and its model half only (filters/clip_scorer.py):
+    pixels: bytes | None = Field(default=None, repr=False)  # uint8 [views, H, W, 3], resized for the model
+    tokens: list[int] | None = Field(default=None, repr=False)  # the caption, tokenized for the model
     # Generation columns, JSON text so every engine stores them alike (see generators/):
     objects: str | None = None  # [ObjectAnnotation]
     probes: str | None = None  # [Probe]: program-labelled yes/no questions
@@ -62,7 +66,7 @@ class ImageRecord(BaseModel):
 
     def dropped(self, stage: str, reason: str) -> "ImageRecord":
         return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason, "image": None, "embedding": None,
-                                         "dedup_embedding": None})
+                                         "dedup_embedding": None, "pixels": None, "tokens": None})
 
 
 class ObjectAnnotation(BaseModel):

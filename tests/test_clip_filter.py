@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from filters import clip_loader
-from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
+from filters.clip_scorer import ClipPreprocessor, ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter
 from schemas.config import ClipConfig, DedupConfig
 from schemas.errors import UserError
@@ -68,7 +68,7 @@ def test_patch_token_dedup_embedding_is_unit_and_cleared_once_dedup_ran(tiny):
     result = ClipScorer(tiny, dedup=dedup)(records(4))
     grid = ClipScorer(tiny).clip.model.visual.grid_size  # tokens per side
     width = ClipScorer(tiny).clip.model.visual.transformer.width
-    emb = np.array([r.dedup_embedding for r in result.kept])
+    emb = np.array([np.frombuffer(r.dedup_embedding, np.float32) for r in result.kept])
     assert emb.shape == (4, 32 + grid[0] * grid[1] * width)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     # The CLIP embedding and score are those of the full image, whatever dedup asks for.
@@ -77,6 +77,21 @@ def test_patch_token_dedup_embedding_is_unit_and_cleared_once_dedup_ran(tiny):
     assert all(r.dedup_embedding is None for r in plain.kept)  # dedup.embedding=clip: nothing extra stored
     after = DuplicateFilter({})(result.kept)
     assert len(after.kept) == 4 and all(r.dedup_embedding is None for r in after.kept)
+
+
+def test_preprocessor_then_scorer_equals_the_scorer_alone(tiny):
+    dedup = DedupConfig(embedding="clip_and_patch_tokens", crop_scales=[1.0, 0.9])
+    broken = ImageRecord(uid="bad", url="http://x/bad.jpg", caption="c", image=b"not an image")
+    prepared = ClipPreprocessor(tiny, dedup=dedup)(records(5) + [broken])
+    assert [r.reason for r in prepared.dropped] == ["decode_error:UnidentifiedImageError"]
+    assert all(len(r.pixels) == 2 * 32 * 32 * 3 and r.tokens for r in prepared.kept)  # 2 views of 32 x 32
+    split = ClipScorer(tiny, dedup=dedup)(prepared.kept)
+    alone = ClipScorer(tiny, dedup=dedup)(records(5))
+    assert [r.uid for r in split.kept] == [r.uid for r in alone.kept]
+    np.testing.assert_allclose([r.clip_score for r in split.kept], [r.clip_score for r in alone.kept], atol=1e-6)
+    np.testing.assert_allclose([np.frombuffer(r.dedup_embedding, np.float32) for r in split.kept],
+                               [np.frombuffer(r.dedup_embedding, np.float32) for r in alone.kept], atol=1e-6)
+    assert all(r.pixels is None and r.tokens is None for r in split.kept)  # not carried past the CLIP stage
 
 
 def test_crop_scales_outside_the_image_are_refused():

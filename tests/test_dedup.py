@@ -57,3 +57,22 @@ def test_duplicate_filter_applies_the_fit_per_batch():
     result = DuplicateFilter({"b": "near_duplicate_of:a"})(batch)
     assert [r.uid for r in result.kept] == ["a", "c"]
     assert result.dropped[0].reason == "near_duplicate_of:a" and result.dropped[0].stage == "dedup"
+
+
+def test_fit_reads_float32_bytes_embeddings_from_arrow_slices():
+    """dedup_embedding travels as float32 bytes; an Arrow slice (as Ray hands over) starts mid-buffer."""
+    import pyarrow as pa
+
+    from pipelines.stages import RECORD_SCHEMA, fit_dedup
+    from schemas.config import PipelineConfig
+
+    config = PipelineConfig.model_validate({"dedup": {"embedding": "clip_and_patch_tokens", "eps": 0.01}})
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(6, 40)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    e[4] = e[2]
+    table = pa.Table.from_pylist([{"uid": f"u{i}", "dedup_embedding": e[i].tobytes(), "clip_score": 0.5 - i / 100}
+                                  for i in range(6)], schema=RECORD_SCHEMA)
+    assert fit_dedup(config, table) == {"u4": "near_duplicate_of:u2"}
+    assert fit_dedup(config, table.slice(1, 4)) == {"u4": "near_duplicate_of:u2"}
+    assert fit_dedup(config, table.slice(3, 3)) == {} and fit_dedup(config, table.slice(0, 0)) == {}

@@ -1,4 +1,5 @@
-"""CLIP image-text similarity: `ClipScorer` annotates, `ClipScoreFilter` drops below a threshold.
+"""CLIP image-text similarity: `ClipPreprocessor` (CPU: decode, resize, tokenize) feeds `ClipScorer`
+(the model: annotates), `ClipScoreFilter` drops below a threshold.
 
 Two halves, as DESIGN.md asks of global steps: the scorer runs per batch (one model per
 worker) and adds `clip_score` and the normalized image embedding to each record; the threshold

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from filters.clip_loader import load_clip
-from filters.clip_scorer import ClipPreprocessor, ClipScorer, centre_crop
+from filters.clip_scorer import ClipPreprocessor, ClipScorer, centre_crop, image_views
 from infra.sample_world import captions_for, plan_scene, render_scene
 from pipelines.stages import StageBatches
 from schemas.config import ClipConfig, DedupConfig, load_config
@@ -57,7 +57,7 @@ def measure(config: ClipConfig, dedup: DedupConfig, rows: list[dict], reps: int)
     bs = config.batch_size
     raw = [rows[i:i + bs] for i in range(0, len(rows) - bs + 1, bs)]
     batches = [[r.model_dump() for r in cpu_half.run(b)] for b in raw]
-    views = [1.0] + ([s for s in dedup.crop_scales if s != 1.0] if dedup.separate_embedding else [])
+    views = image_views(dedup)
     decoded = [[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in b] for b in batches]
     pixels = [[torch.stack([clip.preprocess(centre_crop(im, s)) for im in b]) for s in views] for b in decoded]
     tokens = [clip.tokenizer([r["caption"] for r in b]) for b in batches]

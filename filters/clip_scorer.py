@@ -75,8 +75,10 @@ class _BatchedPreprocess:
 
 
 def image_views(dedup: DedupConfig | None) -> list[float]:
-    """The crop scales the CLIP stage embeds: the full image first, then dedup's other crop scales."""
-    return [1.0] + [s for s in (dedup.crop_scales if dedup else []) if s != 1.0]
+    """The crop scales the CLIP stage embeds: the full image first, then the other crop scales of a
+    dedup that has an embedding of its own."""
+    own = dedup is not None and dedup.separate_embedding
+    return [1.0] + [s for s in (dedup.crop_scales if own else []) if s != 1.0]
 
 
 class _ClipStage:
@@ -184,9 +186,9 @@ class ClipScorer(_ClipStage):
     def embed_images_for_dedup(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
         """([N, D] CLIP embeddings, [N, K] dedup embeddings or None when dedup uses the CLIP ones); L2-normalized."""
         bs = self.config.batch_size
-        return self._embed_chunks(
-            [[self.preprocess([centre_crop(im, s) for im in images[i:i + bs]]) for s in self.views]
-             for i in range(0, len(images), bs)])
+        return self._embed_chunks(  # one chunk's pixels at a time
+            [self.preprocess([centre_crop(im, s) for im in images[i:i + bs]]) for s in self.views]
+            for i in range(0, len(images), bs))
 
     def _embed_chunks(self, chunks) -> tuple[np.ndarray, np.ndarray | None]:
         """chunks: iterable of per-view pixel tensors [B, 3, H, W], `self.views` order."""
@@ -246,14 +248,13 @@ class ClipScorer(_ClipStage):
         import torch
 
         result = StageResult()
-        ready = [r for r in records if r.pixels is not None and r.tokens is not None]
-        if len(ready) == len(records):  # from ClipPreprocessor: normalize and run the towers
+        if all(r.pixels is not None and r.tokens is not None for r in records):  # from ClipPreprocessor
             scored, bs = records, self.config.batch_size
-            views = np.frombuffer(bytearray(b"".join(r.pixels for r in records)), np.uint8)  # writable, for torch
-            views = views.reshape(len(records), len(self.views), *self.input_hw, 3)  # [N, V, H, W, 3]
-            image_emb, dedup_emb = self._embed_chunks(
-                [[self.preprocess.tensor(np.ascontiguousarray(views[i:i + bs, v])) for v in range(len(self.views))]
-                 for i in range(0, len(records), bs)])
+            views = np.empty((len(self.views), len(records), *self.input_hw, 3), np.uint8)  # [V, N, H, W, 3]
+            for i, record in enumerate(records):  # one copy, into a layout whose chunks are contiguous
+                views[:, i] = np.frombuffer(record.pixels, np.uint8).reshape(len(self.views), *self.input_hw, 3)
+            image_emb, dedup_emb = self._embed_chunks(  # normalized one chunk at a time
+                [self.preprocess.tensor(view[i:i + bs]) for view in views] for i in range(0, len(records), bs))
             tokens = torch.tensor([r.tokens for r in records])  # [N, context_length]
             text_emb = self._embed_tokens(tokens[i:i + bs] for i in range(0, len(records), bs))
         else:

@@ -6,14 +6,15 @@
 The CLIP stage runs in two halves (pipelines/stages.py): `clip_preprocess` (CPU tasks: decode, crop,
 resize, tokenize) and `clip_score` (the model actors: normalize, both towers, annotate), as Ray
 Data's batch-inference guide lays out, so the model is fed by as many CPU workers as the cluster has.
-"Pipeline" is what a `clip_score` actor / Beam DoFn runs per batch: rows from `clip_preprocess`
-through `StageBatches(ClipScorer)`. "Bare" is the same model forwards on the same batches already decoded, preprocessed
+"Pipeline" is what a `clip_score` actor runs per batch in Ray Data's `map_batches`: an Arrow batch of
+`clip_preprocess`'s rows in, `StageBatches(ClipScorer)`, an Arrow batch out (records to and from
+Arrow included). "Bare" is the same model forwards on the same batches already decoded, preprocessed
 and tokenized: `encode_image` once per image view the stage embeds (the full image, plus one
 centre crop per extra `dedup.crop_scales` entry when dedup has an embedding of its own) and
 `encode_text`. Reps alternate pipeline/bare; the ratio is the median of per-rep ratios.
 Also printed, same run: the CPU half's images/s per worker, and both halves in one process
 (`end_to_end_ratio`: what a machine whose cores do both gets, against the bare forward).
-Saves bench/results/clip.json.
+Saves bench/results/clip.json (clip_gpu.json when a GPU is visible: batches of 256, more images).
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ import time
 from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from PIL import Image
 
 from filters.clip_loader import load_clip
 from filters.clip_scorer import ClipPreprocessor, ClipScorer, centre_crop, image_views
 from infra.sample_world import captions_for, plan_scene, render_scene
-from pipelines.stages import StageBatches
+from pipelines.stages import RECORD_SCHEMA, StageBatches
 from schemas.config import ClipConfig, DedupConfig, load_config
 from schemas.records import ImageRecord
 
@@ -57,23 +59,28 @@ def measure(config: ClipConfig, dedup: DedupConfig, rows: list[dict], reps: int)
     bs = config.batch_size
     raw = [rows[i:i + bs] for i in range(0, len(rows) - bs + 1, bs)]
     batches = [[r.model_dump() for r in cpu_half.run(b)] for b in raw]
+    tables = [pa.Table.from_pylist(b, schema=RECORD_SCHEMA) for b in batches]  # what Ray hands an actor
     views = image_views(dedup)
     decoded = [[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in b] for b in batches]
     pixels = [[torch.stack([clip.preprocess(centre_crop(im, s)) for im in b]) for s in views] for b in decoded]
     tokens = [clip.tokenizer([r["caption"] for r in b]) for b in batches]
+    # Bare gets its inputs already on the model's device and the stage's precision (autocast on a GPU).
+    pixels = [[p.to(clip.device) for p in b] for b in pixels]
+    tokens = [t.to(clip.device) for t in tokens]
+    autocast = ClipScorer(config, clip, dedup=dedup)._autocast
 
     def bare() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             for views_of_batch, t in zip(pixels, tokens):
                 for p in views_of_batch:
-                    clip.model.encode_image(p.to(clip.device))
-                clip.model.encode_text(t.to(clip.device))
+                    clip.model.encode_image(p)
+                clip.model.encode_text(t)
         if clip.device.startswith("cuda"):
             torch.cuda.synchronize()
 
     def pipeline() -> None:
-        for b in batches:
-            stage.run(b)
+        for table in tables:
+            stage(table)
 
     def preprocess() -> None:
         for b in raw:
@@ -102,20 +109,27 @@ def measure(config: ClipConfig, dedup: DedupConfig, rows: list[dict], reps: int)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--reps", type=int, default=11, help="timed reps per model; the ratio is their median")
+    p.add_argument("--out", help="where to save the JSON (default: bench/results/clip.json, clip_gpu.json on a GPU)")
     args = p.parse_args()
+    gpu = torch.cuda.is_available()
+    # Batch sizes and image counts for the device: a GPU needs big batches and more images per rep.
+    small_bs, vit_bs, small_n, vit_n = (256, 256, 8192, 4096) if gpu else (64, 32, 512, 128)
+    if args.quick:
+        small_n, vit_n = small_bs * 2, vit_bs
     sample = load_config("configs/sample.yaml")
-    sample_clip = sample.clip.model_copy(update={"batch_size": 64})
+    sample_clip = sample.clip.model_copy(update={"batch_size": small_bs})
     models = {  # label: (clip, dedup, images)
-        "sample_clip": (sample_clip, DedupConfig(), 512 if not args.quick else 128),
-        "sample_clip + sample.yaml dedup embedding": (sample_clip, sample.dedup, 512 if not args.quick else 128),
-        "ViT-B-32@224 (random weights)": (ClipConfig(model="ViT-B-32", pretrained=None, config_path=None, batch_size=32),
-                                          DedupConfig(), 128 if not args.quick else 32),
+        "sample_clip": (sample_clip, DedupConfig(), small_n),
+        "sample_clip + sample.yaml dedup embedding": (sample_clip, sample.dedup, small_n),
+        "ViT-B-32@224 (random weights)": (ClipConfig(model="ViT-B-32", pretrained=None, config_path=None,
+                                                     batch_size=vit_bs), DedupConfig(), vit_n),
     }
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "loadavg_before": os.getloadavg(), "target_ratio": 0.9,
-               "models": {}}
+               "gpu": torch.cuda.get_device_name() if gpu else None, "models": {}}
     for label, (config, dedup, n) in models.items():
-        figures = measure(config, dedup, sample_rows(n), reps=5 if not args.quick else 1)
+        figures = measure(config, dedup, sample_rows(n), reps=args.reps if not args.quick else 1)
         figures["target_met"] = figures["median_ratio"] >= 0.9
         results["models"][label] = figures
         print(f"{label:42s} {figures['device']}: pipeline {figures['median_pipeline_images_per_s']:8.1f} img/s  "
@@ -123,9 +137,10 @@ def main() -> None:
               f"| CPU half {figures['median_preprocess_images_per_s']:7.1f} img/s, both halves in one process: "
               f"ratio {figures['median_end_to_end_ratio']:.3f}")
     results["loadavg_after"] = os.getloadavg()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"saved {RESULTS}")
+    out = Path(args.out) if args.out else RESULTS.with_name("clip_gpu.json" if gpu else "clip.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

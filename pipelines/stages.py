@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from filters.clip_scorer import ClipPreprocessor, ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter, NearDuplicateIndex
@@ -92,13 +93,63 @@ def fit_dedup(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
     # Straight from Arrow to one [N, D] float32 array: no per-float Python objects at 1M x 512.
     column = table.column(dedup_column(config)).combine_chunks()
     if pa.types.is_binary(column.type):  # dedup_embedding: float32 bytes, one value per row
-        offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]  # [N + 1]
-        values = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].view(np.float32)
+        values = binary_values(column).view(np.float32)
     else:
         values = column.flatten().to_numpy()
     embeddings = values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
     return NearDuplicateIndex(config.dedup).fit(table.column("uid").to_pylist(), embeddings, _scores(table),
                                                 table.column("sha256").to_pylist())
+
+
+def binary_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The bytes of a binary column's values, end to end, as one uint8 array (no copy for one chunk)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]  # [N + 1]
+    return np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+
+
+def binary_column(rows: np.ndarray) -> pa.Array:
+    """[N, ...] array -> binary column whose row i is rows[i]'s bytes."""
+    n, width = len(rows), rows[0].nbytes if len(rows) else 0
+    offsets = np.arange(0, n * width + 1, width or 1, dtype=np.int32)[:n + 1]
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))])
+
+
+def score_columns(scorer: ClipScorer, batch: pa.Table) -> pa.Table | None:
+    """`ClipScorer` straight on Arrow columns, for Ray's model actors: the live rows' pixels and tokens go
+    to the model as one array each and the scores come back as columns, with no Python object per row
+    (at GPU speed, building records would cost more than the model). The same table the record path
+    gives (a test checks). None when that path must run: a live row without pixels, or another schema."""
+    if not batch.schema.equals(RECORD_SCHEMA):
+        return None
+    is_live = pc.fill_null(pc.equal(batch.column("status"), KEEP), False)
+    if pc.all(is_live).as_py():  # the usual batch: no copy of its columns
+        live, rest = batch, batch.slice(0, 0)
+    else:
+        live, rest = batch.filter(is_live), batch.filter(pc.invert(is_live))
+    n = live.num_rows
+    if n == 0:
+        return batch
+    if live.column("pixels").null_count or live.column("tokens").null_count:
+        return None
+    pixels = binary_values(live.column("pixels"))
+    tokens = live.column("tokens").combine_chunks().flatten().to_numpy()
+    if pixels.size != n * len(scorer.views) * scorer.input_hw[0] * scorer.input_hw[1] * 3 or tokens.size % n:
+        return None  # not ClipPreprocessor's output for this scorer: the record path says what is wrong
+    scores = scorer.score_pixels(pixels.reshape(n, len(scorer.views), *scorer.input_hw, 3), tokens.reshape(n, -1))
+    dim = scores.embedding.shape[1]
+    columns = {
+        "clip_score": pa.array(scores.clip_score, pa.float32()),
+        "embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)),
+                                              pa.array(scores.embedding.ravel(), pa.float32())),
+        "pixels": pa.nulls(n, pa.binary()),
+        "tokens": pa.nulls(n, pa.list_(pa.int32())),
+    }
+    if scores.dedup_embedding is not None:
+        columns["dedup_embedding"] = binary_column(scores.dedup_embedding.astype(np.float32, copy=False))
+    for name, array in columns.items():
+        live = live.set_column(RECORD_SCHEMA.get_field_index(name), RECORD_SCHEMA.field(name), array)
+    return pa.concat_tables([live, rest])  # the record path's order: kept, then rows that were not live
 
 
 def fit_probes(config: PipelineConfig, table: pa.Table) -> dict:
@@ -187,4 +238,7 @@ class StageBatches:
         return apply_stage(self.stage, rows_to_records(rows))
 
     def __call__(self, batch: pa.Table) -> pa.Table:  # Ray Data, batch_format="pyarrow"
+        self.setup()
+        if isinstance(self.stage, ClipScorer) and (table := score_columns(self.stage, batch)) is not None:
+            return table
         return records_to_table(self.run(batch.to_pylist()))

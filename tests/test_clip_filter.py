@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from filters import clip_loader
 from filters.clip_scorer import ClipPreprocessor, ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter
+from pipelines.stages import StageBatches, records_to_table, score_columns
 from schemas.config import ClipConfig, DedupConfig
 from schemas.errors import UserError
 from schemas.records import ImageRecord
@@ -92,6 +94,23 @@ def test_preprocessor_then_scorer_equals_the_scorer_alone(tiny):
     np.testing.assert_allclose([np.frombuffer(r.dedup_embedding, np.float32) for r in split.kept],
                                [np.frombuffer(r.dedup_embedding, np.float32) for r in alone.kept], atol=1e-6)
     assert all(r.pixels is None and r.tokens is None for r in split.kept)  # not carried past the CLIP stage
+
+
+def test_ray_arrow_batches_are_scored_as_columns_with_the_record_paths_result(tiny):
+    # Ray's model actors get Arrow batches (often slices of a bigger table) and score their columns
+    # without building records; Beam's DoFn takes the record path. Both must write the same table.
+    dedup = DedupConfig(embedding="clip_and_patch_tokens", crop_scales=[1.0, 0.9])
+    broken = ImageRecord(uid="bad", url="http://x/bad.jpg", caption="c", image=b"not an image")
+    prepared = ClipPreprocessor(tiny, dedup=dedup)(records(6) + [broken])
+    table = records_to_table(prepared.kept + prepared.dropped).slice(1)  # 5 live rows, 1 dropped, offset 1
+    batches = StageBatches("clip_score", partial(ClipScorer, tiny, dedup=dedup))
+    batches.setup()
+    assert score_columns(batches.stage, table) is not None  # the column path is the one taken
+    by_columns = batches(table)
+    by_records = records_to_table(batches.run(table.to_pylist()))
+    assert by_columns.equals(by_records)
+    assert by_columns.column("uid").to_pylist() == [f"u{i}" for i in range(1, 6)] + ["bad"]
+    assert by_columns.column("pixels").null_count == 6 and by_columns.column("clip_score").null_count == 1
 
 
 def test_crop_scales_outside_the_image_are_refused():

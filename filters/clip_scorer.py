@@ -53,6 +53,7 @@ class _BatchedPreprocess:
         self.per_image = T.Compose(steps[:-2]) if self.batched else preprocess
         self.normalize = steps[-1] if self.batched else None
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self._mean_std = {}  # device -> (mean, std) [1, 3, 1, 1]; made once, as a copy to a GPU waits for it
 
     def map(self, fn, items: list) -> list:
         return list(self.pool.map(fn, items)) if self.pool and len(items) > 1 else [fn(x) for x in items]
@@ -61,20 +62,23 @@ class _BatchedPreprocess:
         """[B, H, W, 3] uint8: the images resized and cropped for the model (batched preprocess only)."""
         return np.stack([np.asarray(im, dtype=np.uint8) for im in self.map(self.per_image, images)])
 
-    def tensor(self, arrays: np.ndarray, device: str = "cpu"):
-        """[B, H, W, 3] uint8 -> [B, 3, H, W] float on `device`, contiguous, as ToTensor + Normalize.
+    def tensor(self, pixels):
+        """[B, H, W, 3] uint8 (an array, or a tensor on any device) -> [B, 3, H, W] float on the same
+        device, contiguous, as ToTensor + Normalize.
 
-        The same float operations in the same order (so bit-identical). On a GPU the uint8 pixels travel
-        (a quarter of the bytes) and are normalized there; on the CPU a few images at a time, so each
-        slice's four passes stay in the cache: about half the time of whole-batch passes.
+        The same float operations in the same order (so bit-identical). The scorer hands a GPU the uint8
+        pixels (a quarter of the bytes) to normalize there; on the CPU this runs a few images at a time,
+        so each slice's four passes stay in the cache: about half the time of whole-batch passes.
         """
         import torch
 
-        src = torch.from_numpy(arrays).to(device).permute(0, 3, 1, 2)
-        out = torch.empty(src.shape, dtype=torch.float32, device=device)
-        mean = torch.tensor(self.normalize.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.normalize.std, device=device).view(1, -1, 1, 1)
-        step = len(out) if device != "cpu" else max(1, _CACHE_SLICE_BYTES // max(1, out[:1].numel() * 4))
+        src = (torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels).permute(0, 3, 1, 2)
+        out = torch.empty(src.shape, dtype=torch.float32, device=src.device)
+        if src.device not in self._mean_std:
+            self._mean_std[src.device] = (torch.tensor(self.normalize.mean, device=src.device).view(1, -1, 1, 1),
+                                          torch.tensor(self.normalize.std, device=src.device).view(1, -1, 1, 1))
+        mean, std = self._mean_std[src.device]
+        step = len(out) if src.device.type != "cpu" else max(1, _CACHE_SLICE_BYTES // max(1, out[:1].numel() * 4))
         for i in range(0, len(out), step):
             out[i:i + step].copy_(src[i:i + step]).div_(255).sub_(mean).div_(std)
         return out
@@ -188,6 +192,7 @@ class ClipScorer(_ClipStage):
 
     def __init__(self, config: ClipConfig, clip: LoadedClip | None = None, dedup: DedupConfig | None = None):
         super().__init__(config, clip, dedup)
+        self._copy_stream = None  # the side stream of `_to_device`, on a GPU
         if self.dedup and self.dedup.embedding == "clip_and_patch_tokens" and not hasattr(self.clip.model.visual, "output_tokens"):
             raise UserError(f"dedup.embedding=clip_and_patch_tokens needs a ViT image tower and {self.clip.name} has a "
                             f"{type(self.clip.model.visual).__name__}; use dedup.embedding=clip.")
@@ -206,13 +211,22 @@ class ClipScorer(_ClipStage):
 
     def embed_images_for_dedup(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
         """([N, D] CLIP embeddings, [N, K] dedup embeddings or None when dedup uses the CLIP ones); L2-normalized."""
-        bs = self.config.batch_size
-        return self._embed_chunks(  # one chunk's pixels at a time
-            [self.preprocess([centre_crop(im, s) for im in images[i:i + bs]]) for s in self.views]
-            for i in range(0, len(images), bs))
+        embeddings, dedup = self._embed_chunks(self._image_chunks(images))
+        return embeddings.cpu().numpy(), None if dedup is None else dedup.cpu().numpy()
 
-    def _embed_chunks(self, chunks) -> tuple[np.ndarray, np.ndarray | None]:
-        """chunks: iterable of per-view pixel tensors [B, 3, H, W], `self.views` order."""
+    def _image_chunks(self, images: list[Image.Image]):
+        """Per-view pixel tensors [B, 3, H, W] (`self.views` order), one chunk of images at a time."""
+        bs = self.config.batch_size
+        return ([self.preprocess([centre_crop(im, s) for im in images[i:i + bs]]) for s in self.views]
+                for i in range(0, len(images), bs))
+
+    def _token_chunks(self, texts: list[str]):
+        bs = self.config.batch_size
+        return (self.clip.tokenizer(texts[i:i + bs]) for i in range(0, len(texts), bs))
+
+    def _embed_chunks(self, chunks):
+        """chunks: iterable of per-view pixel tensors [B, 3, H, W], `self.views` order. Returns ([N, D], [N, K] or
+        None) float32 tensors on the model's device: nothing waits for the GPU until a caller reads them."""
         import torch
 
         normalize = torch.nn.functional.normalize
@@ -223,7 +237,7 @@ class ClipScorer(_ClipStage):
                 encoded = {}  # scale -> (pooled [B, D], patch tokens [B, T, W] or None)
                 for scale, pixels in zip(self.views, views):
                     encoded[scale] = self._encode_image(pixels.to(self.clip.device), tokens)
-                embeddings.append(normalize(encoded[1.0][0].float(), dim=-1).cpu().numpy())
+                embeddings.append(normalize(encoded[1.0][0].float(), dim=-1))
                 if not self.dedup:
                     continue
                 total = 0
@@ -233,10 +247,10 @@ class ClipScorer(_ClipStage):
                     if tokens:  # [B, D + T * W]: the cosine of two such rows is the mean of the two cosines
                         view = torch.cat([view, normalize(grid.flatten(1).float(), dim=-1)], dim=1) / 2 ** 0.5
                     total = total + view
-                dedup_embeddings.append(normalize(total, dim=-1).cpu().numpy())
+                dedup_embeddings.append(normalize(total, dim=-1))
         if not embeddings:
-            return np.zeros((0, 0), np.float32), None
-        return np.concatenate(embeddings), np.concatenate(dedup_embeddings) if dedup_embeddings else None
+            return torch.zeros((0, 0), device=self.clip.device), None
+        return torch.cat(embeddings), torch.cat(dedup_embeddings) if dedup_embeddings else None
 
     def _encode_image(self, pixels, tokens: bool):
         """(pooled [B, D], patch tokens [B, T, W] or None) of one batch of pixels [B, 3, H, W]."""
@@ -251,19 +265,24 @@ class ClipScorer(_ClipStage):
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """[N, D] float32, L2-normalized."""
-        bs = self.config.batch_size
-        return self._embed_tokens(self.clip.tokenizer(texts[i:i + bs]) for i in range(0, len(texts), bs))
+        return self._embed_tokens(self._token_chunks(texts)).cpu().numpy()
 
-    def _embed_tokens(self, chunks) -> np.ndarray:
-        """chunks: iterable of token tensors [B, context_length]."""
+    def _embed_tokens(self, chunks):
+        """chunks: iterable of token tensors [B, context_length]. Returns [N, D] float32 on the model's device."""
         import torch
 
         out = []
         with torch.inference_mode(), self._autocast():
             for tokens in chunks:
                 features = self.clip.model.encode_text(tokens.to(self.clip.device))  # [B, D]
-                out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+                out.append(torch.nn.functional.normalize(features.float(), dim=-1))
+        return torch.cat(out) if out else torch.zeros((0, 0), device=self.clip.device)
+
+    @staticmethod
+    def _scores(image, text, dedup) -> ClipScores:
+        """From [N, D] image and caption embeddings (and [N, K] dedup ones or None) on the model's device."""
+        cosine = (image * text).sum(dim=1)  # [N]
+        return ClipScores(cosine.cpu().numpy(), image.cpu().numpy(), None if dedup is None else dedup.cpu().numpy())
 
     def score_pixels(self, pixels: np.ndarray, tokens: np.ndarray) -> ClipScores:
         """The model half on `ClipPreprocessor`'s output as arrays: pixels [N, V, H, W, 3] uint8 (V: one per
@@ -272,12 +291,34 @@ class ClipScorer(_ClipStage):
         import torch
 
         bs = self.config.batch_size
-        image_emb, dedup_emb = self._embed_chunks(  # normalized one chunk at a time, on the model's device
-            [self.preprocess.tensor(pixels[i:i + bs, v], self.clip.device) for v in range(len(self.views))]
-            for i in range(0, len(pixels), bs))
-        tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+        # The tokens go first, while nothing is queued (a copy from ordinary memory waits for the GPU), then
+        # the text tower is queued and the GPU runs it while the pixels travel. Nothing waits until `_scores`.
+        tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.clip.device)
         text_emb = self._embed_tokens(tokens[i:i + bs] for i in range(0, len(tokens), bs))
-        return ClipScores((image_emb * text_emb).sum(axis=1), image_emb, dedup_emb)
+        pixels = self._to_device(pixels)  # [N, V, H, W, 3] uint8
+        image_emb, dedup_emb = self._embed_chunks(  # normalized one chunk at a time, on the model's device
+            [self.preprocess.tensor(pixels[i:i + bs, v]) for v in range(len(self.views))]
+            for i in range(0, len(pixels), bs))
+        return self._scores(image_emb, text_emb, dedup_emb)
+
+    def _to_device(self, array: np.ndarray):
+        """`array` as a tensor on the model's device. To a GPU through pinned memory on a side stream, so the
+        copy overlaps with the work already queued; the model's stream waits for it before using it."""
+        import torch
+
+        source = torch.from_numpy(array)
+        if not self.clip.device.startswith("cuda"):
+            return source
+        staged = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)  # PyTorch reuses these buffers
+        staged.copy_(source)
+        model_stream = torch.cuda.current_stream()
+        self._copy_stream = self._copy_stream or torch.cuda.Stream()
+        with torch.cuda.stream(self._copy_stream):
+            out = torch.empty(source.shape, dtype=source.dtype, device=self.clip.device)
+            out.copy_(staged, non_blocking=True)
+        model_stream.wait_stream(self._copy_stream)
+        out.record_stream(model_stream)  # the allocator keeps `out` until the model's stream is done with it
+        return out
 
     def __call__(self, records: list[ImageRecord]) -> StageResult:
         result = StageResult()
@@ -290,9 +331,9 @@ class ClipScorer(_ClipStage):
             scored, images = self._decode_all(records, result)
             if not scored:
                 return result
-            image_emb, dedup_emb = self.embed_images_for_dedup(images)
-            text_emb = self.embed_texts([r.caption or "" for r in scored])
-            scores = ClipScores((image_emb * text_emb).sum(axis=1), image_emb, dedup_emb)
+            image_emb, dedup_emb = self._embed_chunks(self._image_chunks(images))
+            text_emb = self._embed_tokens(self._token_chunks([r.caption or "" for r in scored]))
+            scores = self._scores(image_emb, text_emb, dedup_emb)
         for i, record in enumerate(scored):
             update = {"clip_score": float(scores.clip_score[i]), "embedding": scores.embedding[i].tolist(),
                       "pixels": None, "tokens": None}

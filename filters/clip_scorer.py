@@ -12,6 +12,7 @@ import contextlib
 import functools
 import io
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -32,6 +33,15 @@ def centre_crop(image: Image.Image, scale: float) -> Image.Image:
     w, h = image.size
     dx, dy = round(w * (1 - scale) / 2), round(h * (1 - scale) / 2)
     return image.crop((dx, dy, w - dx, h - dy))
+
+
+def _as_tensor(array: np.ndarray):
+    """`torch.from_numpy` without its warning for read-only arrays: Arrow's buffers are, and are only read."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 _CACHE_SLICE_BYTES = 2 << 20  # float pixels normalized per slice (see _BatchedPreprocess.tensor)
@@ -72,7 +82,7 @@ class _BatchedPreprocess:
         """
         import torch
 
-        src = (torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels).permute(0, 3, 1, 2)
+        src = (_as_tensor(pixels) if isinstance(pixels, np.ndarray) else pixels).permute(0, 3, 1, 2)
         out = torch.empty(src.shape, dtype=torch.float32, device=src.device)
         if src.device not in self._mean_std:
             self._mean_std[src.device] = (torch.tensor(self.normalize.mean, device=src.device).view(1, -1, 1, 1),
@@ -306,7 +316,7 @@ class ClipScorer(_ClipStage):
         copy overlaps with the work already queued; the model's stream waits for it before using it."""
         import torch
 
-        source = torch.from_numpy(array)
+        source = _as_tensor(array)
         if not self.clip.device.startswith("cuda"):
             return source
         staged = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)  # PyTorch reuses these buffers

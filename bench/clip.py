@@ -11,9 +11,12 @@ Data's batch-inference guide lays out, so the model is fed by as many CPU worker
 Arrow included). "Bare" is the same model forwards on the same batches already decoded, preprocessed
 and tokenized: `encode_image` once per image view the stage embeds (the full image, plus one
 centre crop per extra `dedup.crop_scales` entry when dedup has an embedding of its own) and
-`encode_text`. Reps alternate pipeline/bare; the ratio is the median of per-rep ratios.
-Also printed, same run: the CPU half's images/s per worker, and both halves in one process
-(`end_to_end_ratio`: what a machine whose cores do both gets, against the bare forward).
+`encode_text`, with its inputs already on the model's device and the stage's autocast. Reps
+alternate pipeline/bare; the ratio is the median of per-rep ratios. On a GPU also "bare + copy":
+the same forwards copying their float inputs from host memory each batch, as a plain loop does.
+Also printed, same run: the CPU half's images/s per worker (up to 1,024 images a rep), and both
+halves in one process (`end_to_end_ratio`: what a machine whose cores do both gets, against the
+bare forward).
 Saves bench/results/clip.json (clip_gpu.json when a GPU is visible: batches of 256, more images).
 """
 from __future__ import annotations

@@ -58,7 +58,8 @@ class EmbeddedTeacher:
             raise UserError("The embedded teacher needs llama-cpp-python; run "
                             "`pip install 'llama-cpp-python[server]==0.3.36'` (make does), or set teacher.kind=openai.")
         # n_ctx 2048 holds our longest prompt (few-shot + facts) plus max_tokens with room to spare.
-        return [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias",
+        # infra.llama_server is llama_cpp.server answering each request from an empty KV cache (deterministic).
+        return [sys.executable, "-m", "infra.llama_server", "--model", str(smollm2_gguf()), "--model_alias",
                 self.config.model, "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
                 "--n_threads", str(self.config.threads), "--n_threads_batch", str(self.config.threads)]
 

@@ -224,15 +224,17 @@ class ClipScorer(_ClipStage):
         embeddings, dedup = self._embed_chunks(self._image_chunks(images))
         return embeddings.cpu().numpy(), None if dedup is None else dedup.cpu().numpy()
 
+    def _chunks(self, items):
+        """`items` (a list, array or tensor) in slices of `batch_size`."""
+        bs = self.config.batch_size
+        return (items[i:i + bs] for i in range(0, len(items), bs))
+
     def _image_chunks(self, images: list[Image.Image]):
         """Per-view pixel tensors [B, 3, H, W] (`self.views` order), one chunk of images at a time."""
-        bs = self.config.batch_size
-        return ([self.preprocess([centre_crop(im, s) for im in images[i:i + bs]]) for s in self.views]
-                for i in range(0, len(images), bs))
+        return ([self.preprocess([centre_crop(im, s) for im in chunk]) for s in self.views] for chunk in self._chunks(images))
 
     def _token_chunks(self, texts: list[str]):
-        bs = self.config.batch_size
-        return (self.clip.tokenizer(texts[i:i + bs]) for i in range(0, len(texts), bs))
+        return (self.clip.tokenizer(chunk) for chunk in self._chunks(texts))
 
     def _embed_chunks(self, chunks):
         """chunks: iterable of per-view pixel tensors [B, 3, H, W], `self.views` order. Returns ([N, D], [N, K] or
@@ -300,15 +302,13 @@ class ClipScorer(_ClipStage):
         columns without building a record per row."""
         import torch
 
-        bs = self.config.batch_size
         # The tokens go first, while nothing is queued (a copy from ordinary memory waits for the GPU), then
         # the text tower is queued and the GPU runs it while the pixels travel. Nothing waits until `_scores`.
         tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.clip.device)
-        text_emb = self._embed_tokens(tokens[i:i + bs] for i in range(0, len(tokens), bs))
+        text_emb = self._embed_tokens(self._chunks(tokens))
         pixels = self._to_device(pixels)  # [N, V, H, W, 3] uint8
         image_emb, dedup_emb = self._embed_chunks(  # normalized one chunk at a time, on the model's device
-            [self.preprocess.tensor(pixels[i:i + bs, v]) for v in range(len(self.views))]
-            for i in range(0, len(pixels), bs))
+            [self.preprocess.tensor(chunk[:, v]) for v in range(len(self.views))] for chunk in self._chunks(pixels))
         return self._scores(image_emb, text_emb, dedup_emb)
 
     def _to_device(self, array: np.ndarray):

@@ -111,7 +111,7 @@ def binary_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def binary_column(rows: np.ndarray) -> pa.Array:
     """[N, ...] array -> binary column whose row i is rows[i]'s bytes."""
     n, width = len(rows), rows[0].nbytes if len(rows) else 0
-    offsets = np.arange(0, n * width + 1, width or 1, dtype=np.int32)[:n + 1]
+    offsets = np.arange(n + 1, dtype=np.int32) * width
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))])
 
 

@@ -5,9 +5,10 @@ file name. Reported in the manifest:
 
 - `absent_object_rate`: share of final answers (gpt turns) that assert an object the image does
   not contain (mentions inside a negation do not count); `count_mismatch_rate` likewise for counts;
-- `negative_label_error_rate`: share of probe turns whose answer's yes/no is wrong for the image;
+- `negative_label_error_rate`: share of probe turns whose answer, read by POPE's rule (`filters.yes_no`),
+  is wrong for the image;
 - `yield`: LLaVA records and images with at least one record, per input URL and per image sent
-  to the teacher;
+  to the teacher (`teacher_selected`; the other images keep only their program-phrased probes);
 - `tagging`: precision/recall of CLIP zero-shot tags against the truth, at the configured
   threshold and at the best-F1 threshold (to calibrate `objects.tag_threshold`).
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from evals.noise_eval import read_rows
-from filters.grounding import mentions, yes_or_no
+from filters.grounding import mentions
+from filters.yes_no import answer_to_label
 from generators.objects import load_coco_instances, url_file_name
 from generators.vocabulary import COCO_CATEGORIES
 from schemas.config import PipelineConfig
@@ -68,7 +70,7 @@ def evaluate_answers(rows: list[dict], truth: dict[str, list], vocabulary: tuple
                 if item["type"] == "negatives":
                     probe = next(p for p in probes if p["question"] == human[i].replace("<image>\n", ""))
                     probes_seen += 1
-                    probe_errors += yes_or_no(answer) != _truth(probe, gt)
+                    probe_errors += answer_to_label(answer) != _truth(probe, gt)
     return {"answers": answers, "absent_object_rate": _ratio(absent, answers),
             "count_mismatch_rate": _ratio(miscounted, answers), "probe_turns": probes_seen,
             "negative_label_error_rate": _ratio(probe_errors, probes_seen), "images_without_ground_truth": unknown}
@@ -106,13 +108,16 @@ def evaluate_tagging(config: PipelineConfig, rows: list[dict], truth: dict[str, 
 def evaluate_grounding(config: PipelineConfig, records_dir: Path, dropped_dir: Path, input_urls: int) -> dict:
     truth = load_coco_instances(config.evaluate.ground_truth)
     vocabulary = tuple(config.objects.vocabulary or COCO_CATEGORIES)
-    rows = read_rows(records_dir, ["uid", "url", "instructions", "probes", "embedding"])
-    generated = sum(1 for r in read_rows(dropped_dir, ["stage"]) if r["stage"] in ("generate", "verify")) + len(rows)
+    rows = read_rows(records_dir, ["uid", "url", "instructions", "probes", "embedding", "teacher_selected"])
+    dropped = read_rows(dropped_dir, ["stage", "teacher_selected"])
+    generated = [r for r in dropped if r["stage"] in ("generate", "verify")]
+    sent = sum(r["teacher_selected"] is not False for r in generated + rows)
+    kept_sent = sum(r["teacher_selected"] is not False for r in rows)
     records = sum(len(json.loads(r["instructions"] or "[]")) for r in rows)
     result = evaluate_answers(rows, truth, vocabulary)
     result["yield"] = {"llava_records": records, "images_with_records": len(rows), "input_urls": input_urls,
-                       "images_sent_to_teacher": generated,
+                       "images_sent_to_teacher": sent, "images_with_program_probes_only": len(rows) - kept_sent,
                        "records_per_input_url": _ratio(records, input_urls),
-                       "images_kept_per_image_sent": _ratio(len(rows), generated)}
+                       "images_kept_per_image_sent": _ratio(kept_sent, sent)}
     result["tagging"] = evaluate_tagging(config, rows, truth)
     return result

@@ -1,6 +1,7 @@
 """POPE (Li et al. 2023, "Evaluating Object Hallucination in Large Vision-Language Models"):
 build the random / popular / adversarial yes-no question splits from COCO-format instance
-annotations, and score a model's answers with the official rules (POPE's evaluate.py).
+annotations, and score a model's answers with the official rules (POPE's evaluate.py), read by
+`filters.yes_no.answer_to_label`: the one yes/no reader the grounding verifier and the evals share.
 
     python -m evals.pope build --instances data/world/annotations/instances_val.json --out outputs/pope
     python -m evals.pope score --questions outputs/pope/coco_pope_random.json --answers answers.jsonl
@@ -17,6 +18,7 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
+from filters.yes_no import answer_to_label
 from schemas.errors import UserError
 
 STRATEGIES = ("random", "popular", "adversarial")
@@ -154,15 +156,6 @@ def read_answers(path: str | Path) -> dict:
                             "text or answer string); fix the answer file.")
         answers[row["question_id"]] = row[key]
     return answers
-
-
-def answer_to_label(answer: str) -> str:
-    """The official rule: first sentence, commas removed, split on spaces; No/not/no anywhere -> "no".
-
-    Deliberately literal, as in POPE's evaluate.py: "Not really" and "I don't know" count as "yes".
-    """
-    words = answer.split(".")[0].replace(",", "").split(" ")
-    return "no" if {"No", "not", "no"} & set(words) else "yes"
 
 
 def score_pope(questions: list[dict], answers: dict) -> dict:

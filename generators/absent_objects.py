@@ -2,14 +2,19 @@
 
 A global step in two halves. `fit_object_statistics` counts, over all images, how many contain
 each category and how often two categories appear together. `AbsentObjectSampler` then writes per
-image (deterministically, seeded by uid):
+image (deterministically, seeded by uid), for every image that reaches it:
 
 - "no" questions about absent objects, picked by POPE's strategies: random, popular (most frequent
   in the dataset) and adversarial (most often seen with what is present) - never a present one;
 - "yes" questions about present objects, so that yes/no is balanced by default;
 - count and position manipulations ("Are there three cups?" when there are two) where boxes say so.
 
-The teacher may only rephrase the answer; the grounding verifier checks that the label survived.
+Each probe's answer is the program's, in one of a few phrasings picked by (uid, probe index); every
+phrasing opens with "Yes" / "No" and is read as its label by POPE's rule (`filters.yes_no`). A count or
+side manipulation's answer always says the truth ("No, there are two cups.").
+`generate.max_images` no longer drops images here: the record's `teacher_selected` says whether the
+teacher writes for it; the others keep their probes with the program's phrasings. The teacher may only
+rephrase the answer; the grounding verifier checks that the label and the object survived.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from generators.vocabulary import COCO_CATEGORIES, noun_phrase, number_word, plural
+from generators.vocabulary import COCO_CATEGORIES, be, noun_phrase
 from schemas.config import GenerateConfig, ObjectsConfig
 from schemas.records import ImageRecord, ObjectAnnotation, StageResult
 
@@ -34,6 +39,15 @@ class Probe(BaseModel):
     kind: Literal["present", "absent", "count", "position"]
     category: str
     strategy: str | None = None  # random / popular / adversarial for absent-object probes
+
+
+Draft = tuple[Probe, list[str]]  # a probe and the phrasings of its answer, the first one in `answer`
+
+
+def seeded_rng(*parts) -> random.Random:
+    """A generator that depends only on `parts` (never on the process's hash seed)."""
+    key = "|".join(str(p) for p in parts)
+    return random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:16], 16))
 
 
 def record_objects(record: ImageRecord) -> list[ObjectAnnotation]:
@@ -53,6 +67,40 @@ def fit_object_statistics(object_lists: list[list[str]]) -> dict:
 def _side(obj: ObjectAnnotation) -> str | None:
     centre = (obj.box[0] + obj.box[2]) / 2
     return "left" if centre < 0.4 else "right" if centre > 0.6 else None  # the middle fifth says neither
+
+
+def _draft(phrasings: list[str], **probe) -> Draft:
+    return Probe(answer=phrasings[0], **probe), phrasings
+
+
+def present_probe(name: str, count: int) -> Draft:
+    there = f"there {'is' if count == 1 else 'are'} {noun_phrase(name, count)}"
+    return _draft([f"Yes, {there} in the image.", f"Yes, I can see {noun_phrase(name, count)}.", "Yes."],
+                  question=f"Is there {noun_phrase(name, 1)} in the image?", label="yes", kind="present", category=name)
+
+
+def absent_probe(name: str, strategy: str, seen: str) -> Draft:
+    """`seen`: what is in the image instead ("a cup, two forks"), or "" when nothing is."""
+    denial = f"No, there {be(name)} no {name} in the image."
+    phrasings = [denial, *([f"{denial} I can see {seen}."] if seen else []),
+                 f"No, I do not see {noun_phrase(name, 1)} here.", "No."]
+    return _draft(phrasings, question=f"Is there {noun_phrase(name, 1)} in the image?", label="no", kind="absent",
+                  category=name, strategy=strategy)
+
+
+def count_probe(name: str, true: int, wrong: int) -> Draft:
+    asked = f"Are there {noun_phrase(name, wrong)} in the image?"  # wrong >= 2, see _manipulations
+    return _draft([f"No, there {'is' if true == 1 else 'are'} {noun_phrase(name, true)}.",
+                   f"No, I can see {noun_phrase(name, true)}."],
+                  question=asked, label="no", kind="count", category=name)
+
+
+def position_probe(name: str, side: str) -> Draft:
+    other = "right" if side == "left" else "left"
+    return _draft([f"No, the {name} {be(name)} on the {side} side of the image.",
+                   f"No, the {name} {be(name)} on the {side} side."],
+                  question=f"{be(name).capitalize()} the {name} on the {other} side of the image?", label="no",
+                  kind="position", category=name)
 
 
 class AbsentObjectSampler:
@@ -77,7 +125,7 @@ class AbsentObjectSampler:
         return sorted(absent, key=lambda c: (-sum(self._cooccurrence(c, p) for p in present), c))  # adversarial
 
     def probes_for(self, uid: str, objects: list[ObjectAnnotation]) -> list[Probe]:
-        rng = random.Random(int(hashlib.sha256(f"{self.seed}|{uid}".encode()).hexdigest()[:16], 16))
+        rng = seeded_rng(self.seed, uid)
         counts = Counter(o.category for o in objects)
         present = sorted(counts)
         n = self.config.probes_per_image
@@ -85,57 +133,43 @@ class AbsentObjectSampler:
         n_yes = min(round(n * share), len(present))
         # Balanced by default: as many "no" as "yes" (POPE); yes_share=0 asks only "no" questions.
         n_no = n - n_yes if share in (0.0, 1.0) or not present else round(n_yes * (1 - share) / share)
-        probes = [self._present(name) for name in rng.sample(present, n_yes)]
+        drafts = [present_probe(name, counts[name]) for name in rng.sample(present, n_yes)]
         manipulations = self._manipulations(objects, counts, rng)[: round(n_no * self.config.manipulation_share)]
-        probes += manipulations
+        drafts += manipulations
         used, strategies = set(), self.config.strategies
+        seen = ", ".join(noun_phrase(c, counts[c]) for c in present[:3])
         for i in range(n_no - len(manipulations)):
             strategy = strategies[i % len(strategies)]
             choice = next((c for c in self.ranked_absent(strategy, set(present), rng) if c not in used), None)
             if choice is not None:
                 used.add(choice)
-                probes.append(self._absent(choice, strategy, present, counts))
-        rng.shuffle(probes)
-        return probes
+                drafts.append(absent_probe(choice, strategy, seen))
+        rng.shuffle(drafts)
+        return [probe.model_copy(update={"answer": seeded_rng(self.seed, uid, i).choice(phrasings)})
+                for i, (probe, phrasings) in enumerate(drafts)]
 
     @staticmethod
-    def _present(name: str) -> Probe:
-        return Probe(question=f"Is there {noun_phrase(name, 1)} in the image?", label="yes", kind="present",
-                     category=name, answer=f"Yes, there is {noun_phrase(name, 1)} in the image.")
-
-    @staticmethod
-    def _absent(name: str, strategy: str, present: list[str], counts: Counter) -> Probe:
-        seen = ", ".join(noun_phrase(c, counts[c]) for c in present[:3] if counts[c])
-        answer = f"No, there is no {name} in the image." + (f" I can see {seen}." if seen else "")
-        return Probe(question=f"Is there {noun_phrase(name, 1)} in the image?", label="no", kind="absent",
-                     category=name, strategy=strategy, answer=answer)
-
-    @staticmethod
-    def _manipulations(objects: list[ObjectAnnotation], counts: Counter, rng: random.Random) -> list[Probe]:
+    def _manipulations(objects: list[ObjectAnnotation], counts: Counter, rng: random.Random) -> list[Draft]:
         """Wrong counts and wrong sides, only where boxes make the true answer certain."""
         found = []
         boxed = [o for o in objects if o.box is not None]
         for name in sorted({o.category for o in boxed}):
             true = counts[name]
-            wrong = true + rng.choice([1, 2]) if true == 1 else true + rng.choice([-1, 1])
-            found.append(Probe(question=f"Are there {number_word(wrong)} {plural(name)} in the image?", label="no",
-                               kind="count", category=name,
-                               answer=f"No, there {'is' if true == 1 else 'are'} {noun_phrase(name, true)}."))
+            # Never ask about one object when there are more: "Is there a cup?" would truly be a yes.
+            wrong = true + rng.choice([1, 2]) if true <= 2 else true + rng.choice([-1, 1])
+            found.append(count_probe(name, true, wrong))
             side = _side(boxed[[o.category for o in boxed].index(name)]) if true == 1 else None
             if side:
-                other = "right" if side == "left" else "left"
-                found.append(Probe(question=f"Is the {name} on the {other} side of the image?", label="no",
-                                   kind="position", category=name,
-                                   answer=f"No, the {name} is on the {side} side of the image."))
+                found.append(position_probe(name, side))
         rng.shuffle(found)
         return found
 
     def __call__(self, records: list[ImageRecord]) -> StageResult:
+        """Every image keeps its probes; `teacher_selected` says whether generate.max_images picked it."""
         result = StageResult()
         for record in records:
-            if self.selected is not None and record.uid not in self.selected:
-                result.dropped.append(record.dropped(self.name, f"not_selected:generate.max_images={len(self.selected)}"))
-                continue
             probes = self.probes_for(record.uid, record_objects(record))
-            result.kept.append(record.model_copy(update={"probes": json.dumps([p.model_dump() for p in probes])}))
+            result.kept.append(record.model_copy(update={
+                "probes": json.dumps([p.model_dump() for p in probes]),
+                "teacher_selected": self.selected is None or record.uid in self.selected}))
         return result

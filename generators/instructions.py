@@ -1,19 +1,22 @@
 """The `generate` stage: the teacher writes LLaVA records for each image from its caption and objects.
 
-Per image, `types_per_image` of the teacher types (conversation, detail, reasoning; picked by uid,
-as LLaVA-Instruct has about two records per image) plus a `negatives` record made of the
-program's yes/no probes, whose answers the teacher rephrases. Records are in LLaVA's schema:
-`{"id", "type", "conversations": [{"from": "human"|"gpt", "value"}], "provenance"}` with `<image>`
-in the first human turn. A request that fails for good drops the image with `teacher_error:<kind>`.
+Per image picked for the teacher (`teacher_selected`, from generate.max_images), `types_per_image` of
+the teacher types (conversation, detail, reasoning; picked by uid, as LLaVA-Instruct has about two
+records per image). Every image with probes gets a `negatives` record of the program's yes/no probes:
+the teacher rephrases the answers of the first `rephrase_per_image` probes of a selected image; all
+other answers stay the program's own phrasings, with no teacher call. The record's provenance carries
+`probe_labels` and `probe_kinds`, aligned with its human turns (the verifier keeps them aligned).
+Records are in LLaVA's schema: `{"id", "type", "conversations": [{"from": "human"|"gpt", "value"}],
+"provenance"}` with `<image>` in the first human turn. A request that fails for good drops the image
+with `teacher_error:<kind>`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 
-from generators.absent_objects import Probe, record_objects
+from generators.absent_objects import Probe, record_objects, seeded_rng
 from generators.prompts import (PROMPT_VERSION, Conversation, Description, Reasoning, rephrase_messages,
                                 rephrasings_model, task_messages)
 from generators.teacher import TeacherClient, TeacherError, TeacherRequest, TeacherUsage
@@ -34,10 +37,6 @@ DETAIL_PROMPTS = (
 )
 
 
-def _rng(seed: int, uid: str) -> random.Random:
-    return random.Random(int(hashlib.sha256(f"{seed}|{uid}".encode()).hexdigest()[:16], 16))
-
-
 class InstructionGenerator:
     name = "generate"
 
@@ -46,57 +45,81 @@ class InstructionGenerator:
         self.client = TeacherClient(teacher, base_url, PROMPT_VERSION, TeacherCache(cache_dir) if cache_dir else None)
 
     def plan(self, record: ImageRecord) -> list[str]:
-        """Which types this image gets: `types_per_image` teacher types by uid, then negatives."""
-        teacher_types = [t for t in self.config.types if t in TEACHER_TYPES]
-        rng = _rng(self.teacher.seed, record.uid)
+        """Which types this image gets: `types_per_image` teacher types by uid when selected, then negatives."""
+        teacher_types = [t for t in self.config.types if t in TEACHER_TYPES] if for_teacher(record) else []
+        rng = seeded_rng(self.teacher.seed, record.uid)
         chosen = sorted(rng.sample(teacher_types, min(self.config.types_per_image, len(teacher_types))),
                         key=teacher_types.index)
         return chosen + (["negatives"] if "negatives" in self.config.types and record.probes not in (None, "[]") else [])
 
-    def requests(self, record: ImageRecord, kind: str, usage: TeacherUsage) -> TeacherRequest:
+    def request(self, record: ImageRecord, kind: str, usage: TeacherUsage) -> TeacherRequest | None:
+        """The teacher request for one type; None when the program writes it alone (negatives of an image
+        the teacher does not write for, or rephrase_per_image=0)."""
         objects, caption = record_objects(record), record.caption or ""
         seed = self.teacher.seed + int(hashlib.sha256(f"{record.uid}|{kind}".encode()).hexdigest()[:8], 16)
         if kind == "negatives":
-            probes = [Probe.model_validate(p) for p in json.loads(record.probes)]
-            return TeacherRequest(rephrase_messages(caption, objects, [p.answer for p in probes]),
-                                  rephrasings_model(len(probes)), seed, usage)
+            rephrased = self.rephrased(record)
+            if not rephrased:
+                return None
+            return TeacherRequest(rephrase_messages(caption, objects, [p.answer for p in rephrased]),
+                                  rephrasings_model(len(rephrased)), seed, usage)
         return TeacherRequest(task_messages(kind, caption, objects), TEACHER_TYPES[kind], seed, usage)
 
+    def rephrased(self, record: ImageRecord) -> list[Probe]:
+        """The probes whose answers the teacher rewords: the first few, for a selected image only."""
+        return probes_of(record)[: self.config.rephrase_per_image] if for_teacher(record) else []
+
     def assemble(self, record: ImageRecord, kind: str, answer) -> dict:
+        provenance = {}
         if kind == "conversation":
             pairs = [(t.question, t.answer) for t in answer.turns]
         elif kind == "detail":
-            pairs = [(_rng(self.teacher.seed, record.uid).choice(DETAIL_PROMPTS), answer.description)]
+            pairs = [(seeded_rng(self.teacher.seed, record.uid).choice(DETAIL_PROMPTS), answer.description)]
         elif kind == "reasoning":
             pairs = [(answer.question, answer.answer)]
         else:
-            probes = [Probe.model_validate(p) for p in json.loads(record.probes)]
-            pairs = [(p.question, a) for p, a in zip(probes, answer.answers)]
+            probes = probes_of(record)
+            worded = answer.answers if answer is not None else []  # the teacher's, for the first probes
+            answers = [*worded, *(p.answer for p in probes[len(worded):])]
+            pairs = [(p.question, a) for p, a in zip(probes, answers)]
+            provenance = {"probe_labels": [p.label for p in probes], "probe_kinds": [p.kind for p in probes]}
         objects = record_objects(record)
         provenance = {"uid": record.uid, "source_url": record.url, "type": kind, "prompt_version": PROMPT_VERSION,
                       "teacher_model": self.teacher.model,
-                      "objects_source": sorted({o.source for o in objects}) or ["none"]}
+                      "objects_source": sorted({o.source for o in objects}) or ["none"], **provenance}
         return {"id": f"{record.uid}-{kind}", "type": kind, "conversations": llava_conversation(pairs),
                 "provenance": provenance}
 
     def __call__(self, records: list[ImageRecord]) -> StageResult:
-        plans = [(record, self.plan(record), TeacherUsage()) for record in records]
-        requests = [self.requests(record, kind, usage) for record, kinds, usage in plans for kind in kinds]
+        plans = []
+        for record in records:
+            usage = TeacherUsage()
+            plans.append((record, usage, [(kind, self.request(record, kind, usage)) for kind in self.plan(record)]))
+        requests = [request for _, _, asks in plans for _, request in asks if request is not None]
         start = time.perf_counter()
-        answers = iter(self.client.run_all(requests))
+        answers = iter(self.client.run_all(requests) if requests else [])
         total = self.client.usage
         print(f"generate: {len(records)} images, {len(requests)} requests in {time.perf_counter() - start:.1f} s "
               f"(worker total: {total.requests} sent, {total.cache_hits} cached, {sum(total.retries.values())} retried, "
               f"{total.completion_tokens} tokens out)", flush=True)
         result = StageResult()
-        for record, kinds, usage in plans:
-            got = [(kind, next(answers)) for kind in kinds]
+        for record, usage, asks in plans:
+            got = [(kind, next(answers) if request is not None else None) for kind, request in asks]
             failed = next((a for _, a in got if isinstance(a, TeacherError)), None)
             update = {"teacher_usage": json.dumps(usage.to_dict())}
-            if failed is not None or not kinds:
+            if failed is not None or not got:
                 reason = f"teacher_error:{failed.kind}" if failed else "nothing_to_generate"
                 result.dropped.append(record.model_copy(update=update).dropped(self.name, reason))
                 continue
             instructions = [self.assemble(record, kind, answer) for kind, answer in got]
             result.kept.append(record.model_copy(update={**update, "instructions": json.dumps(instructions)}))
         return result
+
+
+def probes_of(record: ImageRecord) -> list[Probe]:
+    return [Probe.model_validate(p) for p in json.loads(record.probes or "[]")]
+
+
+def for_teacher(record: ImageRecord) -> bool:
+    """Picked by generate.max_images (None: no probes stage ran, as for a hand-made record)."""
+    return record.teacher_selected is not False

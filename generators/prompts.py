@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from generators.vocabulary import noun_phrase
 from schemas.records import ObjectAnnotation
 
-PROMPT_VERSION = "2026-11-22.1"
+PROMPT_VERSION = "2026-11-30.1"
 
 
 class _Output(BaseModel):
@@ -110,8 +110,8 @@ def _system_with_examples() -> str:
     return "\n".join(parts)
 
 
-REPHRASE = ("Reword each numbered answer so it sounds natural. Keep its meaning exactly: a 'Yes' answer stays yes, "
-            "a 'No' answer stays no, and keep every count and object name. Return them in the same order.")
+REPHRASE = ("Reword each numbered answer so it sounds natural. Keep its meaning exactly: start it with the same "
+            "'Yes' or 'No', name the same object, and keep every count. Return them in the same order.")
 _REPHRASE_EXAMPLE = ["No, there is no dog in the image. I can see two cups and a banana.",
                      "Yes, there is a banana in the image."]
 _REPHRASE_EXAMPLE_OUT = ["No, I don't see a dog here; the image shows two cups and a banana.",

@@ -67,6 +67,12 @@ def noun_phrase(name: str, count: int) -> str:
     return indefinite(name) if count == 1 else f"{number_word(count)} {plural(name)}"
 
 
+def be(name: str) -> str:
+    """The verb agreeing with the bare name: "the cup is", "there is no cup"; "skis" and "scissors" are
+    plural as they stand: "the skis are", "there are no scissors"."""
+    return "are" if _COUNTED_IN.get(name) == "pair" else "is"
+
+
 @lru_cache(maxsize=8)
 def surface_forms(vocabulary: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """(written form, category) pairs, longest first so "teddy bear" wins over "bear"."""

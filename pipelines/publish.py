@@ -6,6 +6,8 @@
 Writes, inside the run directory:
   hf/                      DatasetDict {train, validation} (save_to_disk); one row per LLaVA record
   llava/{train,validation}.json, llava/images/<uid>.<ext>   what LLaVA's training scripts read
+Both keep each record's provenance as JSON text (a `negatives` record's `probe_labels` / `probe_kinds`
+align with its turns: a "without negatives" set drops the turns labelled "no").
 The split is by image (every record of an image lands in the same split), decided by a hash of
 (seed, uid), so it does not move when other images come or go. Rows are sorted by id, so the same
 records give byte-identical files however the record shards were cut.
@@ -119,7 +121,8 @@ def write_llava(rows_by_split: dict[str, list[dict]], out: Path) -> None:
                 data = row["image"]["bytes"]
                 names[row["uid"]] = f"images/{row['uid']}.{image_extension(data)}"
                 (out / names[row["uid"]]).write_bytes(data)
-            entries.append({"id": row["id"], "image": names[row["uid"]], "conversations": row["conversations"]})
+            entries.append({"id": row["id"], "image": names[row["uid"]], "conversations": row["conversations"],
+                            "provenance": row["provenance"]})  # extra keys are ignored by LLaVA's loader
         (out / f"{split}.json").write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
 
 

@@ -50,6 +50,7 @@ RECORD_SCHEMA = pa.schema(
         ("tokens", pa.list_(pa.int32())),
         ("objects", pa.string()),
         ("probes", pa.string()),
+        ("teacher_selected", pa.bool_()),
         ("instructions", pa.string()),
         ("rejected_turns", pa.string()),
         ("teacher_usage", pa.string()),
@@ -153,7 +154,8 @@ def score_columns(scorer: ClipScorer, batch: pa.Table) -> pa.Table | None:
 
 
 def fit_probes(config: PipelineConfig, table: pa.Table) -> dict:
-    """Object statistics over every live image, and which images get instructions (generate.max_images)."""
+    """Object statistics over every live image, and which images the teacher writes for (generate.max_images);
+    every image gets probes."""
     uids = table.column("uid").to_pylist()
     objects = [[o["category"] for o in json.loads(text or "[]")] for text in table.column("objects").to_pylist()]
     selected = None

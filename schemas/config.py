@@ -140,9 +140,13 @@ class GenerateConfig(_Section):
         default_factory=lambda: ["conversation", "detail", "reasoning", "negatives"])
     # LLaVA-Instruct-158K has about two records per image, not all three types for each.
     types_per_image: int = Field(default=3, ge=1, le=3, description="teacher types per image, picked by uid")
-    max_images: int | None = Field(default=None, ge=1, description="generate for this many images (picked by uid hash)")
+    max_images: int | None = Field(default=None, ge=1, description="the teacher writes for this many images (picked "
+                                   "by uid hash); every image still gets its probes")
     batch_size: int = Field(default=16, ge=1)
     probes_per_image: int = Field(default=4, ge=0, description="yes/no turns in a 'negatives' record")
+    # Each rephrased answer costs the teacher ~25 output tokens: 4 fit SmolLM2's max_tokens of 160.
+    rephrase_per_image: int = Field(default=4, ge=0, description="probes whose answers the teacher rewords; "
+                                                                 "the rest keep the program's phrasings")
     yes_share: float = Field(default=0.5, ge=0.0, le=1.0, description="share of probes answered yes; POPE is balanced")
     strategies: list[Literal["random", "popular", "adversarial"]] = Field(
         default_factory=lambda: ["random", "popular", "adversarial"])
@@ -173,6 +177,28 @@ _TEACHER_OPERATIONAL = {"base_url", "api_key_env", "concurrency", "timeout", "ma
                         "max_backoff_seconds", "cache_dir", "port", "threads", "num_actors"}
 
 
+class ProofConfig(_Section):
+    """The demo's proof that the data works (infra/proof.py): Stage 1, Stage 2 with and without the negatives
+    at equal compute, POPE / image dependence / QA evals of both arms, and a report. Defaults are the recipe
+    measured on 2 CPU cores (bench/results/recipe.json); on a GPU raise the steps."""
+
+    enabled: bool = Field(default=True, description="false: stop at the published dataset")
+    align_steps: int = Field(default=200, ge=1)
+    align_batch_size: int = Field(default=8, ge=1)
+    finetune_steps: int = Field(default=100, ge=1)
+    finetune_batch_size: int = Field(default=8, ge=1)
+    finetune_lr: float | None = Field(default=None, gt=0, description="default: the finetune stage's own")
+    finetune_projector_lr: float | None = Field(default=None, gt=0, description="default: finetune_lr")
+    lm_layers: int | None = Field(default=None, ge=1, description="Stage 2 trains only the LM's top N blocks")
+    freeze_projector: bool = False
+    lora: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+    eval_images: int | None = Field(default=None, ge=1, description="held-out images POPE samples (default all)")
+    max_new_tokens: int = Field(default=12, ge=1, description="answer length; POPE reads the first sentence")
+    seed: int = 0
+
+
 class PipelineConfig(_Section):
     name: str = Field(default="sample", pattern=r"^[A-Za-z0-9._-]+$")
     output_root: str = "outputs"
@@ -187,6 +213,7 @@ class PipelineConfig(_Section):
     publish: PublishConfig = PublishConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
+    proof: ProofConfig = ProofConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -195,7 +222,7 @@ class PipelineConfig(_Section):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the data; where outputs go and which cluster runs it do not."""
-        semantic = {k: v for k, v in self.to_dict().items() if k not in ("output_root", "ray")}
+        semantic = {k: v for k, v in self.to_dict().items() if k not in ("output_root", "ray", "proof")}
         semantic["teacher"] = {k: v for k, v in semantic["teacher"].items() if k not in _TEACHER_OPERATIONAL}
         return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()
 

@@ -54,6 +54,9 @@ class ImageRecord(BaseModel):
     # Generation columns, JSON text so every engine stores them alike (see generators/):
     objects: str | None = None  # [ObjectAnnotation]
     probes: str | None = None  # [Probe]: program-labelled yes/no questions
+    # Set by the probes stage: whether generate.max_images picked this image for the teacher (False: it
+    # keeps only its probes, in the program's phrasings).
+    teacher_selected: bool | None = None
     instructions: str | None = None  # [LLaVA record]: {id, type, conversations, provenance}
     rejected_turns: str | None = None  # [{type, reason, question, answer}] the grounding verifier removed
     teacher_usage: str | None = None  # TeacherUsage.to_dict() for this image's requests

@@ -1,13 +1,19 @@
-"""Probes, the grounding verifier and the teacher cache, called directly on hand-made records."""
+"""Probes, the negatives record, the grounding verifier and the teacher cache, called directly on hand-made
+records (no teacher server: only images the teacher does not write for, or requests built but not sent)."""
 from __future__ import annotations
 
 import json
 
-from filters.grounding import GroundingVerifier, mentions, yes_or_no
-from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
+import pytest
+
+from filters.grounding import GroundingVerifier, mentions
+from filters.yes_no import answer_to_label, opening_yes_no
+from generators.absent_objects import AbsentObjectSampler, absent_probe, fit_object_statistics
+from generators.instructions import InstructionGenerator
+from generators.teacher import TeacherUsage
 from generators.teacher_cache import TeacherCache, cache_key
 from generators.vocabulary import COCO_CATEGORIES
-from schemas.config import GenerateConfig, ObjectsConfig
+from schemas.config import GenerateConfig, ObjectsConfig, TeacherConfig
 from schemas.records import ImageRecord, ObjectAnnotation, llava_conversation
 
 
@@ -66,19 +72,38 @@ def test_count_and_position_manipulations_carry_the_true_answer():
     assert position.category == "dog" and "left side" in position.question and "right side" in position.answer
 
 
-def test_selection_drops_unselected_images_with_a_reason():
+def test_every_image_gets_probes_and_selection_only_marks_the_teachers_images():
     fitted = {"statistics": fit_object_statistics(DATASET), "selected": ["keep"]}
     s = AbsentObjectSampler(fitted, GenerateConfig(), ObjectsConfig())
     result = s([record("keep", [obj("cup")]), record("skip", [obj("cup")])])
-    assert [r.uid for r in result.kept] == ["keep"]
-    assert result.dropped[0].reason.startswith("not_selected:")
+    assert not result.dropped
+    assert [(r.uid, r.teacher_selected) for r in result.kept] == [("keep", True), ("skip", False)]
+    assert all(json.loads(r.probes) for r in result.kept)
 
 
+def random_objects(i: int) -> list[ObjectAnnotation]:
+    """1-4 categories, some twice, spread over the width; every 5th image has CLIP tags instead of boxes."""
+    names = [COCO_CATEGORIES[(7 * i + k * 13) % 80] for k in range(1 + i % 4)] + [COCO_CATEGORIES[i % 80]] * (i % 3)
+    if i % 5 == 4:
+        return [ObjectAnnotation(category=n, box=None, source="clip_zero_shot") for n in dict.fromkeys(names)]
+    return [obj(n, 0.05 + 0.2 * (k % 4), 0.15 + 0.2 * (k % 4)) for k, n in enumerate(names)]
+
+
+def test_program_answers_open_with_their_label_and_vary_by_uid():
+    s = sampler(probes_per_image=8, manipulation_share=0.5)
+    answers = set()
+    for i in range(300):
+        for p in s.probes_for(f"u{i}", random_objects(i)):
+            assert opening_yes_no(p.answer) == answer_to_label(p.answer) == p.label, p
+            answers.add(p.answer)
+    assert {"Yes.", "No."} <= answers and any(a.startswith("No, I do not see") for a in answers)
+    assert any(" I can see " in a for a in answers)  # the "what is there instead" tail is one phrasing
+    assert s.probes_for("u7", random_objects(7)) == s.probes_for("u7", random_objects(7))
 def test_mentions_understand_negation_plurals_synonyms_and_counts():
     found = mentions("No, I don't see a dog; there are two cups, 3 sofas and a teddy bear.")
     assert [(m.category, m.negated, m.count) for m in found] == [
         ("dog", True, None), ("cup", False, 2), ("couch", False, 3), ("teddy bear", False, None)]
-    assert yes_or_no("No, there is not.") == "no" and yes_or_no("Yes. But no dog.") == "yes"
+    assert answer_to_label("No, there is not.") == "no" and answer_to_label("Yes. But no dog.") == "yes"
 
 
 def llava(kind: str, pairs: list[tuple[str, str]]) -> dict:
@@ -109,6 +134,139 @@ def test_verifier_drops_an_image_with_no_grounded_turn_left():
     instructions = [llava("detail", [("Describe it.", "A giraffe eats a pizza.")])]
     result = GroundingVerifier()([record("u", [obj("cup")], instructions=json.dumps(instructions))])
     assert not result.kept and result.dropped[0].reason == "no_verified_turns"
+
+
+def probe(question: str, label: str, kind: str, category: str, answer: str) -> dict:
+    return {"question": question, "label": label, "kind": kind, "category": category, "answer": answer}
+
+
+def verify_turn(answer: str, objects: list[ObjectAnnotation], probe: dict | None = None) -> tuple[str | None, list]:
+    """(the answer the verifier kept, or None, and the rejection reasons) for one turn."""
+    kind = "negatives" if probe else "conversation"
+    question = probe["question"] if probe else "What is there?"
+    r = record("u", objects, instructions=json.dumps([llava(kind, [(question, answer)])]),
+               probes=json.dumps([probe] if probe else []))
+    kept, rejected = GroundingVerifier().verify(r)
+    return (kept[0]["conversations"][1]["value"] if kept else None), [t["reason"] for t in rejected]
+
+
+def absent(name: str) -> dict:
+    return absent_probe(name, "random", "")[0].model_dump()  # the program's first phrasing as its answer
+
+
+REJECTED_REPHRASINGS = [  # (answer, probe, reason): the first four are from the demo's 25 of 234 failures
+    ("Yes, there is no person in the image.", absent("person"), "label_flipped:no"),
+    ("There is a truck in the image.", probe("Is there a truck in the image?", "yes", "present", "truck",
+                                             "Yes, there is a truck in the image."), "no_yes_no_opening"),
+    ("Question 2: No, there is no skis in the image.", absent("skis"), "no_yes_no_opening"),
+    ("The answer to question 1: No, there is no cow in the image.", absent("cow"), "no_yes_no_opening"),
+    # "no" to the eye, "yes" to POPE's reader: not a rephrasing of a "no" probe
+    ("I don't see a dog here.", absent("dog"), "no_yes_no_opening"),
+    ("There isn't a dog.", absent("dog"), "no_yes_no_opening"),
+    ("None of the objects is a dog.", absent("dog"), "no_yes_no_opening"),
+    ("NO, there is none.", absent("dog"), "label_flipped:no"),  # opens with No, POPE reads "yes"
+    ("Yes, there is a dog in the image.", probe("Is there a cat in the image?", "yes", "present", "cat",
+                                                "Yes, there is a cat in the image."), "other_object:dog"),
+    ("Yes, it is there.", probe("Is there a cat in the image?", "yes", "present", "cat", "Yes."), "missing_object:cat"),
+    ("No, there is no person, and no dog.", absent("dog"), "other_object:person"),
+]
+
+
+@pytest.mark.parametrize("answer, probe, reason", REJECTED_REPHRASINGS)
+def test_a_failed_rephrasing_falls_back_to_the_program_answer(answer, probe, reason):
+    objects = [obj("cup"), obj("truck"), obj("cat")]
+    assert verify_turn(answer, objects, probe) == (probe["answer"], [reason])
+
+
+def test_the_reader_takes_negations_without_no_or_not_for_yes():
+    for answer in ("I don't see a dog here.", "There isn't a dog.", "None of the objects is a dog."):
+        assert answer_to_label(answer) == "yes" and opening_yes_no(answer) is None
+
+
+def test_a_probe_answer_about_another_object_is_rejected():
+    bottle = absent("bottle")
+    kept, reasons = verify_turn("No, there is no person in the image. I can see a bus, a tie.",
+                                [obj("person"), obj("bus"), obj("tie")], bottle)
+    assert kept == bottle["answer"] and reasons[0] in ("other_object:person", "denies_present:person")
+
+
+def test_denying_a_present_object_is_rejected_in_every_answer():
+    assert verify_turn("There is no person here.", [obj("person"), obj("cup")]) == (None, ["denies_present:person"])
+    assert verify_turn("There is no dog here, only a cup.", [obj("cup")]) == ("There is no dog here, only a cup.", [])
+
+
+def test_count_and_side_answers_that_deny_a_number_or_a_side_pass():
+    cups = [obj("cup", 0.05, 0.15), obj("cup", 0.2, 0.3), obj("dog", 0.8, 0.95)]
+    three = probe("Are there three cups in the image?", "no", "count", "cup", "No, there are two cups.")
+    for answer in ("No, there are two cups.", "No, there are not three cups.", "No, I can see two cups."):
+        assert verify_turn(answer, cups, three) == (answer, [])
+    assert verify_turn("No, there are three cups.", cups, three)[1] == ["count_mismatch:cup"]
+    left = probe("Is the dog on the left side of the image?", "no", "position", "dog",
+                 "No, the dog is on the right side.")
+    answer = "No, there is no dog on the left side; it is on the right."
+    assert verify_turn(answer, cups, left) == (answer, [])
+
+
+def generator(**generate) -> InstructionGenerator:
+    """No server behind it: the tests only build requests, or records the teacher has no part in."""
+    return InstructionGenerator(TeacherConfig(), GenerateConfig(**generate), "http://127.0.0.1:9/v1", cache_dir=None)
+
+
+def test_images_not_selected_get_program_negatives_that_pass_the_verifier():
+    records = [record(f"u{i}", random_objects(i)) for i in range(300)]
+    fitted = {"statistics": fit_object_statistics([[o.category for o in random_objects(i)] for i in range(300)]),
+              "selected": []}  # a selection that excludes every image
+    config = GenerateConfig(probes_per_image=8, manipulation_share=0.5)
+    probed = AbsentObjectSampler(fitted, config, ObjectsConfig())(records)
+    g = generator()
+    generated = g(probed.kept)
+    assert not generated.dropped and g.client.usage.requests == 0
+    verified = GroundingVerifier()(generated.kept)
+    assert not verified.dropped
+    for r in verified.kept:
+        assert json.loads(r.rejected_turns) == []  # every program phrasing passes the verifier
+        (negatives,) = json.loads(r.instructions)
+        assert negatives["type"] == "negatives" and json.loads(r.teacher_usage)["requests"] == 0
+        answers = [t["value"] for t in negatives["conversations"][1::2]]
+        labels, kinds = negatives["provenance"]["probe_labels"], negatives["provenance"]["probe_kinds"]
+        assert labels == [p["label"] for p in json.loads(r.probes)] and len(kinds) == len(answers) == len(labels)
+        assert [opening_yes_no(a) for a in answers] == [answer_to_label(a) for a in answers] == labels
+
+
+def selected_record() -> ImageRecord:
+    objects = [obj("cup", 0.05, 0.15), obj("dog", 0.8, 0.95), obj("bus"), obj("cat")]
+    fitted = {"statistics": fit_object_statistics(DATASET), "selected": None}
+    (probed,) = AbsentObjectSampler(fitted, GenerateConfig(probes_per_image=8), ObjectsConfig())(
+        [record("s", objects)]).kept
+    assert probed.teacher_selected and len(json.loads(probed.probes)) == 8
+    return probed
+
+
+def test_the_teacher_rewords_only_the_first_probes_and_labels_stay_aligned():
+    r, g = selected_record(), generator(types=["negatives"], rephrase_per_image=4)
+    request = g.request(r, "negatives", TeacherUsage())
+    assert "\n4. " in request.messages[-1]["content"] and "\n5. " not in request.messages[-1]["content"]
+    probes = json.loads(r.probes)
+    teacher = request.output(answers=["Yes, there is no person in the image.", "Question 2: No.",
+                                      "The answer is yes.", "No, I can see two cups."])
+    negatives = g.assemble(r, "negatives", teacher)
+    answers = [t["value"] for t in negatives["conversations"][1::2]]
+    assert answers == [*teacher.answers, *(p["answer"] for p in probes[4:])]
+    kept, rejected = GroundingVerifier().verify(r.model_copy(update={"instructions": json.dumps([negatives])}))
+    assert len(rejected) == 4  # none of those rewordings keeps its label and object
+    turns, provenance = kept[0]["conversations"], kept[0]["provenance"]
+    assert [t["value"] for t in turns[1::2]] == [p["answer"] for p in probes]
+    assert provenance["probe_labels"] == [p["label"] for p in probes]
+    assert provenance["probe_kinds"] == [p["kind"] for p in probes] and len(turns) == 16
+    assert generator(rephrase_per_image=0).request(r, "negatives", TeacherUsage()) is None
+
+
+def test_turn_aligned_provenance_follows_the_kept_turns():
+    item = llava("conversation", [("What is there?", "A giraffe."), ("How many cups?", "There are two cups.")])
+    item["provenance"] = {"uid": "u", "probe_labels": ["yes", "no"], "probe_kinds": ["present", "absent"]}
+    verified, rejected = GroundingVerifier().verify_item(item, [obj("cup"), obj("cup")], [])
+    assert [r["reason"] for r in rejected] == ["asserts_absent:giraffe"]
+    assert verified["provenance"] == {"uid": "u", "probe_labels": ["no"], "probe_kinds": ["absent"]}
 
 
 def test_cache_key_covers_everything_that_changes_an_answer(tmp_path):

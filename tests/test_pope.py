@@ -11,6 +11,7 @@ import pytest
 
 from evals.pope import (STRATEGIES, answer_to_label, build_pope_questions, format_pope_table, read_answers,
                         read_pope_file, score_pope, write_pope_file)
+from filters.yes_no import opening_yes_no
 from schemas.errors import UserError
 from tests.conftest import REPO
 
@@ -149,6 +150,28 @@ def test_official_answer_rule():
     assert [answer_to_label(a) for _, a, _ in CRAFTED] == [p for _, _, p in CRAFTED]
     assert answer_to_label("No, I can't see one") == "no"  # comma removed, so "No," counts as "No"
     assert answer_to_label("Nope") == "yes"
+    assert answer_to_label("No\nthere is none") == "yes"  # evaluate.py splits on ' ' only
+    # Negations without No / no / not are "yes" to POPE: our data must not use them for a "no".
+    for answer in ("I don't see a dog here.", "There isn't a dog.", "None of the objects is a dog."):
+        assert answer_to_label(answer) == "yes"
+
+
+def test_one_reader_for_scoring_verifying_and_evaluating():
+    import evals.grounding_eval
+    import evals.vlm_eval
+    import filters.grounding
+    import filters.yes_no
+
+    assert answer_to_label is filters.yes_no.answer_to_label
+    assert filters.grounding.answer_to_label is evals.grounding_eval.answer_to_label is answer_to_label
+    assert evals.vlm_eval.opening_yes_no is filters.yes_no.opening_yes_no
+
+
+@pytest.mark.parametrize("answer, opening", [
+    ("Yes, there is a cat.", "yes"), ("no", "no"), ("  NO, on the right.", "no"), ("Yes.", "yes"),
+    ("Not really.", None), ("Nothing like that.", None), ("I don't see one.", None), ("Question 2: No.", None)])
+def test_opening_yes_no(answer, opening):
+    assert opening_yes_no(answer) == opening
 
 
 def test_scores_match_hand_computation():

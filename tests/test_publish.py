@@ -126,7 +126,8 @@ def test_llava_export(published):
         entries = json.loads((run_dir / "llava" / f"{split}.json").read_text())
         assert len(entries) == counts[split]["records"]
         for e in entries:
-            assert set(e) == {"id", "image", "conversations"}
+            assert set(e) == {"id", "image", "conversations", "provenance"}
+            assert json.loads(e["provenance"])["uid"] == Path(e["image"]).stem  # JSON text, as in hf/
             assert e["conversations"][0]["from"] == "human" and e["conversations"][0]["value"].startswith("<image>\n")
             assert "<image>" not in "".join(t["value"] for t in e["conversations"][1:])
             assert (run_dir / "llava" / e["image"]).is_file()

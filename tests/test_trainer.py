@@ -229,6 +229,32 @@ def test_gradients_reach_exactly_the_modules_the_stage_trains(tiny, stage, lora)
         if not lora else {"projector", "language_model.lora_adapters"}
 
 
+def test_top_layers_and_a_frozen_projector_train_only_what_they_say(tiny):
+    model, table, with_grad = grads_after_one_backward(tiny, stage="finetune", lm_layers=1, freeze=["projector"])
+    names = {n for n, _ in model.named_parameters()}
+    block = {n for n in names if n.startswith("language_model.model.layers.0.")}
+    norm = {n for n in names if n.startswith("language_model.model.norm.")}
+    assert with_grad == block | norm and block  # no embeddings, no projector
+    assert {row["module"] for row in table if row["trains"]} == {"language_model"}
+
+
+def test_a_stage_cannot_freeze_what_it_does_not_train_or_train_more_blocks_than_there_are(tiny):
+    with pytest.raises(UserError, match="does not train"):
+        grads_after_one_backward(tiny, stage="align", freeze=["language_model"])
+    with pytest.raises(UserError, match="lm_layers=5 but the language model has 1 decoder blocks"):
+        grads_after_one_backward(tiny, stage="finetune", lm_layers=5)
+
+
+def test_the_projector_gets_its_own_learning_rate(tiny, tmp_path):
+    from trainer.train import Trainer
+
+    trainer = Trainer(train_config(tiny, tmp_path / "run", lr=1e-5, projector_lr=1e-3), progress=False)
+    groups = [(g["initial_lr"], sum(p.numel() for p in g["params"])) for g in trainer.optimizer.param_groups]
+    projector = sum(p.numel() for p in trainer.vlm.projector.parameters())
+    assert groups == [(1e-5, sum(p.numel() for p in trainer.vlm.parameters() if p.requires_grad) - projector),
+                      (1e-3, projector)]
+
+
 LORA = {"stage": "finetune", "lora": True, "grad_accum": 2, "gradient_checkpointing": True}
 
 

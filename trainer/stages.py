@@ -48,14 +48,45 @@ def learning_rate(spec: StageSpec, config: TrainConfig) -> float:
     return spec.lora_lr if config.lora and spec.lora_lr else spec.lr
 
 
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    """The LM's stack of decoder blocks (`model.layers` in Llama, Qwen, Mistral, SmolLM ...)."""
+    layers = getattr(getattr(language_model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"{type(language_model).__name__} has no model.layers stack, which lm_layers needs; "
+                        f"drop lm_layers to train the whole language model.")
+    return layers
+
+
+def top_layers(language_model: nn.Module, n: int | None) -> list[int]:
+    """Indices of the top n decoder blocks (all of them when n is None)."""
+    depth = len(decoder_layers(language_model)) if n is not None else 0
+    if n is not None and n > depth:
+        raise UserError(f"lm_layers={n} but the language model has {depth} decoder blocks; use 1..{depth}.")
+    return list(range(depth - n, depth)) if n is not None else []
+
+
 def wrap_lora(language_model: nn.Module, config: TrainConfig) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UserError("lora=true needs the peft package; pip install peft.") from None
+    layers = top_layers(language_model, config.lm_layers) or None
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")  # all-linear: LLaVA's LoRA targets
+                      target_modules="all-linear", task_type="CAUSAL_LM",  # all-linear: LLaVA's LoRA targets
+                      layers_to_transform=layers)
     return get_peft_model(language_model, lora)
+
+
+def train_top_layers(language_model: nn.Module, n: int) -> None:
+    """Only the top n decoder blocks and the final norm train: the backward pass stops below them, which is
+    what makes a Stage 2 on 2 CPU cores affordable (the frozen blocks cost a forward pass only)."""
+    language_model.requires_grad_(False)
+    layers = decoder_layers(language_model)
+    for index in top_layers(language_model, n):
+        layers[index].requires_grad_(True)
+    norm = getattr(language_model.model, "norm", None)
+    if norm is not None:
+        norm.requires_grad_(True)
 
 
 def apply_stage(vlm: nn.Module, spec: StageSpec, config: TrainConfig) -> list[dict]:
@@ -70,9 +101,15 @@ def apply_stage(vlm: nn.Module, spec: StageSpec, config: TrainConfig) -> list[di
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for name in spec.trains:
+    unknown = set(config.freeze) - set(spec.trains)
+    if unknown:
+        raise UserError(f"freeze names {', '.join(sorted(unknown))}, which the {spec.name} stage does not train; "
+                        f"it trains {', '.join(spec.trains)}.")
+    for name in (n for n in spec.trains if n not in config.freeze):
         if name == "language_model" and config.lora:
             vlm.language_model = wrap_lora(vlm.language_model, config)  # peft leaves only adapters trainable
+        elif name == "language_model" and config.lm_layers is not None:
+            train_top_layers(vlm.language_model, config.lm_layers)
         else:
             getattr(vlm, name).requires_grad_(True)
     return module_table(vlm)

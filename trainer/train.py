@@ -74,8 +74,7 @@ class Trainer:
         self.collate = Collate(pad_token_id(self.vlm.tokenizer), self.vlm.vision_tower.image_size)
         per_step = config.batch_size * config.grad_accum
         self.max_steps = config.max_steps or math.ceil(len(rows) / per_step)  # default: one epoch, as LLaVA
-        trainable = [p for p in self.vlm.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, weight_decay=config.weight_decay)
         warmup = math.ceil(config.warmup_ratio * self.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, self.max_steps))
         self.step = 0
@@ -86,6 +85,15 @@ class Trainer:
             self.step = state["step"]
             set_rng_states(state["rng"])
         self.resumed_from = resume
+
+    def param_groups(self) -> list[dict]:
+        """The trainable parameters; the projector in its own group when it has its own lr (a fresh projector
+        learns at Stage 1's rate while the pretrained LM moves slowly)."""
+        projector = [p for p in self.vlm.projector.parameters() if p.requires_grad]
+        others = [p for n, p in self.vlm.named_parameters() if p.requires_grad and not n.startswith("projector.")]
+        if self.config.projector_lr is None or not projector:
+            return [{"params": projector + others}]
+        return [g for g in ({"params": others}, {"params": projector, "lr": self.config.projector_lr}) if g["params"]]
 
     def _starting_point(self) -> tuple[Path | None, Path | None]:
         """(checkpoint to resume in --out, checkpoint whose weights start the run): resume wins over --init."""
@@ -102,8 +110,9 @@ class Trainer:
         return resume, start
 
     def autocast(self):
-        if self.device.startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        on_cuda = self.device.startswith("cuda")
+        if self.config.precision == "bf16" or (self.config.precision == "auto" and on_cuda):
+            return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def batches(self):
@@ -128,7 +137,8 @@ class Trainer:
             (loss / len(micro_batches)).backward()
             losses.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                       self.config.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

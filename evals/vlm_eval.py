@@ -1,13 +1,15 @@
 r"""Evaluates a trained VLM checkpoint on held-out images: POPE object hallucination, yes/no accuracy on
 the dataset's held-out generated questions, and a few detailed descriptions to read.
 
-    python -m evals.vlm_eval --checkpoint outputs/train_sample/finetune \
+    python -m evals.vlm_eval --checkpoint outputs/sample/<version>/train/with_negatives \
         --instances data/world/annotations/instances_val.json --images data/world/images/val \
-        --dataset outputs/sample/<version> --out outputs/train_sample/eval [--num-images 50] [--max-new-tokens 16]
+        --dataset outputs/sample/<version> --out outputs/eval [--num-images 50] [--max-new-tokens 16]
 
 Writes into --out:
   coco_pope_{random,popular,adversarial}.json  the questions, official POPE format (JSON Lines)
   answers_{split}.jsonl                         {"question_id", "text"}, as LLaVA's model_vqa_loader writes them
+  image_dependence_{split}.jsonl                each question re-asked on an image with the opposite truth
+                                                (evals/image_dependence.py), both answers, and whether it flipped
   qa_questions.jsonl, qa_answers.jsonl          the held-out yes/no questions (POPE format) and the answers
   captions.json                                 detailed descriptions of a few held-out images
   results.json, results.md                      metrics per split, and the markdown table
@@ -22,21 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
+import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
+from evals.image_dependence import counter_questions, flip_rate
 from evals.pope import (STRATEGIES, build_pope_questions, format_pope_table, load_instances, objects_per_image,
                         score_pope, write_pope_file)
+from filters.yes_no import opening_yes_no
 from schemas.errors import UserError
 
 DESCRIBE = "Describe the following image in detail."  # the first of LLaVA's detailed-description prompts
-YES_NO = re.compile(r"\s*(yes|no)\b", re.IGNORECASE)  # "Not really" is neither: such a turn is skipped
 
 
 class EvalConfig(BaseModel):
@@ -59,13 +62,15 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(default=16, ge=1, description="prompts generated together")
     seed: int = Field(default=0, description="POPE sampling seed")
     device: str = Field(default="auto", description="cpu, cuda, or auto")
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on CUDA, "
+                                                                                   "fp32 on the CPU")
 
 
 class GreedyAnswerer:
     """Answers (image, question) pairs with greedy decoding, in batches of left-padded prompts. Each
     distinct pair is generated once: POPE's three splits share their "yes" questions."""
 
-    def __init__(self, vlm, render: str, batch_size: int, progress: bool = True):
+    def __init__(self, vlm, render: str, batch_size: int, progress: bool = True, precision: str = "auto"):
         from trainer.conversation import ConversationEncoder
         from trainer.data import Collate
         from trainer.language_model import pad_token_id
@@ -74,6 +79,9 @@ class GreedyAnswerer:
         self.encoder = ConversationEncoder(vlm.tokenizer, vlm.image_token_id, vlm.num_patches, render, max_length=4096)
         self.collate = Collate(pad_token_id(vlm.tokenizer), vlm.vision_tower.image_size, pad_left=True)
         self.device = next(vlm.projector.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        self.bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
+        self.autocast_device = "cuda" if on_cuda else "cpu"
         self.known: dict[tuple[str, str, int], str] = {}
 
     def _prompt(self, image: Image.Image, question: str) -> dict:
@@ -89,9 +97,10 @@ class GreedyAnswerer:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start:start + self.batch_size]
                 batch = self.collate([self._prompt(image_of(key), text) for key, text in chunk])
-                new = self.vlm.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                        batch["pixel_values"].to(self.device), max_new_tokens=max_new_tokens,
-                                        do_sample=False)  # [B, T_new]
+                with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.bf16):
+                        new = self.vlm.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                            batch["pixel_values"].to(self.device), max_new_tokens=max_new_tokens,
+                                            do_sample=False)  # [B, T_new]
                 texts = self.vlm.tokenizer.batch_decode(new, skip_special_tokens=True)
                 self.known.update({(key, text, max_new_tokens): answer.strip()
                                    for (key, text), answer in zip(chunk, texts)})
@@ -108,12 +117,12 @@ def yes_no_questions(rows: list[dict]) -> tuple[list[dict], int]:
             continue
         turns = row["conversations"]
         for i, (human, gpt) in enumerate(zip(turns[::2], turns[1::2])):
-            opening = YES_NO.match(gpt["value"]) if (human["from"], gpt["from"]) == ("human", "gpt") else None
+            opening = opening_yes_no(gpt["value"]) if (human["from"], gpt["from"]) == ("human", "gpt") else None
             if opening is None:
                 skipped += 1
                 continue
             questions.append({"question_id": f"{row['id']}-{i}", "image": row["uid"],
-                              "text": human["value"].replace("<image>", "").strip(), "label": opening.group(1).lower()})
+                              "text": human["value"].replace("<image>", "").strip(), "label": opening})
     return questions, skipped
 
 
@@ -156,7 +165,10 @@ def format_results(results: dict) -> str:
                 f"(n={qa['n']}, F1 {_percent(qa['f1'])}, yes-ratio {_percent(qa['yes_ratio'])})")
     else:
         line = f"QA accuracy on held-out generated yes/no questions: n/a (n=0: {qa.get('why', 'no questions')})"
-    return f"POPE ({results['checkpoint']})\n\n{format_pope_table(results['pope'])}\n\n{line}\n"
+    looked = ", ".join(f"{split} {_percent(d['image_dependence'])} ({d['flipped']}/{d['pairs']})"
+                       for split, d in results.get("image_dependence", {}).items())
+    return (f"POPE ({results['checkpoint']})\n\n{format_pope_table(results['pope'])}\n\n"
+            f"Image dependence (answers that flip on an image with the opposite truth): {looked or 'n/a'}\n{line}\n")
 
 
 def run_eval(config: EvalConfig, progress: bool = True) -> dict:
@@ -189,7 +201,8 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
     rows = validation_rows(config.dataset) if config.dataset else []  # before the model: a bad path fails fast
 
     vlm = load_vlm(checkpoint, pick_device(config.device))
-    answer = GreedyAnswerer(vlm, stage_spec(saved_config(checkpoint).stage).render, config.batch_size, progress)
+    answer = GreedyAnswerer(vlm, stage_spec(saved_config(checkpoint).stage).render, config.batch_size, progress,
+                            config.precision)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -204,10 +217,17 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
         _write_jsonl([{"question_id": q["question_id"], "text": t} for q, t in zip(questions, texts)], out / answers_file)
         return {q["question_id"]: t for q, t in zip(questions, texts)}
 
-    results = {"checkpoint": str(checkpoint), "pope": {}}
+    present_in = {img["file_name"]: present[img["id"]] for img in instances["images"]}
+    results = {"checkpoint": str(checkpoint), "pope": {}, "image_dependence": {}}
     for split, questions in pope.items():
         said = ask(questions, from_folder, f"coco_pope_{split}.json", f"answers_{split}.jsonl", f"POPE {split}")
         results["pope"][split] = score_pope(questions, said)
+        pairs = counter_questions(questions, present_in, config.seed)
+        counter = answer([(p["counter_image"], p["text"]) for p in pairs], from_folder, config.max_new_tokens,
+                         f"image dependence {split}")
+        pairs = [{**p, "answer": said[p["question_id"]], "counter_answer": c} for p, c in zip(pairs, counter)]
+        _write_jsonl(pairs, out / f"image_dependence_{split}.jsonl")
+        results["image_dependence"][split] = {**flip_rate(pairs), "questions": len(questions)}
 
     qa_questions, skipped = yes_no_questions(rows)
     by_uid = {row["uid"]: row["image"] for row in rows}

@@ -43,7 +43,9 @@ def start_head(num_cpus: int | None = None, port: int = DASHBOARD_PORT, wait_sec
                "--dashboard-port", str(port), "--disable-usage-stats"]
     if num_cpus:
         command += ["--num-cpus", str(num_cpus)]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    started = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if started.returncode != 0:  # Ray's own warnings stay out of the terminal unless the start failed
+        raise RuntimeError(f"ray start --head failed (exit {started.returncode}): {started.stderr.strip()[-2000:]}")
     deadline = time.monotonic() + wait_seconds
     while not head_is_up(port):
         if time.monotonic() > deadline:

@@ -39,12 +39,20 @@ class ShardReader:
         return pa.concat_tables(tables)
 
 
+def progress(message: str) -> None:
+    """One line per step of the job; `make demo` shows these lines and keeps Ray's own log in a file."""
+    print(f"[pipeline] {message}", flush=True)
+
+
 def apply_on_ray(ds: ray.data.Dataset, stage: MapStage | GlobalStage, config: PipelineConfig) -> ray.data.Dataset:
     if isinstance(stage, GlobalStage):  # fit on the driver over the live rows' columns, then apply per batch
+        started = time.perf_counter()
         ds = ds.materialize()
         live = ds.filter(expr=col("status") == KEEP).select_columns(stage.columns).to_arrow_refs()
         table = pa.concat_tables([ray.get(ref) for ref in live]) if live else RECORD_SCHEMA.empty_table()
         fitted = stage.fit(table.select(stage.columns))
+        progress(f"{stage.name}: fit over {table.num_rows} live rows; the stages before it took "
+                 f"{time.perf_counter() - started:.0f} s")
         return ds.map_batches(StageBatches(stage.name, partial(stage.apply, fitted)), batch_format="pyarrow")
     batch_size = stage.batch_size or config.validate_.batch_size
     if stage.uses_model:  # an actor pool: each actor loads the model (or opens the client) once
@@ -67,13 +75,16 @@ def _run(run_dir: RunDirectory) -> dict:
     num_rows = run_dir.prepare()
     num_shards = shard_count_for(num_rows, config.crawl.shard_size)
     ray.init(address=config.ray.address, ignore_reinit_error=True)
+    progress(f"crawl: {num_rows} URLs in {num_shards} shards")
     crawl(config.crawl, run_dir.url_list, run_dir.shards, distributor="ray")
+    progress(f"crawl: done in {time.perf_counter() - start:.0f} s")
 
     ds = ray.data.from_items([{"shard_id": i} for i in range(num_shards)], override_num_blocks=num_shards)
     ds = ds.map_batches(ShardReader(run_dir.shards, run_dir.url_list), batch_size=1, batch_format="numpy")
     for stage in stage_plan(config):
         ds = apply_on_ray(ds, stage, config)
     ds = ds.materialize()
+    progress(f"all stages done in {time.perf_counter() - start:.0f} s; writing records/ and dropped/")
     ds.filter(expr=col("status") == KEEP).write_parquet(str(run_dir.work / "records"))
     ds.filter(expr=col("status") != KEEP).drop_columns(["image"]).write_parquet(str(run_dir.work / "dropped"))
 

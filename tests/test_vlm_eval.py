@@ -1,4 +1,4 @@
-"""The VLM evaluation (evals/vlm_eval.py) and the CPU profile's wiring (infra/train_sample.py) on tiny
+"""The VLM evaluation (evals/vlm_eval.py) on tiny
 in-process models (tests/test_trainer.py's tiny Llama + 32 px CLIP), a 3-image COCO fixture and a
 hand-made published dataset. No downloads, CPU only."""
 from __future__ import annotations
@@ -200,18 +200,3 @@ def test_cli_prints_the_sentence_and_exits_2(tmp_path, capsys):
                                          "--out", str(tmp_path / "out")]))
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().startswith(f"error: Checkpoint {tmp_path / 'nope'} does not exist;")
-
-
-def test_profile_runs_both_stages_and_the_eval(world, tmp_path):
-    from infra.train_sample import ProfileConfig, run_profile
-
-    write_coco(world["world"], [1, 2], "train")
-    config = ProfileConfig(dataset=str(world["dataset"]), out=str(tmp_path / "profile"), world=str(world["world"]),
-                           align_steps=2, align_batch_size=2, finetune_steps=1, finetune_batch_size=1)
-    profile = run_profile(config, model=world["model"])
-    captions = json.loads((tmp_path / "profile" / "data" / "align_captions.json").read_text())
-    assert [(c["image"], c["conversations"][1]["value"]) for c in captions] == [
-        ("000000000001.png", "a photo of cat"), ("000000000002.png", "a photo of car")]  # the first caption each
-    assert (profile["align"]["steps"], profile["finetune"]["steps"]) == (2, 1)
-    assert set(profile["eval"]["pope"]) == set(STRATEGIES) and profile["eval"]["qa"]["n"] == 3
-    assert json.loads((tmp_path / "profile" / "profile.json").read_text())["total_seconds"] > 0

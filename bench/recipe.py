@@ -4,15 +4,13 @@ changed, and its figures are saved to bench/results/recipe.json (one entry per v
 
     python -m bench.recipe --version outputs/sample/<version> --variant NAME [--set proof.field=value ...]
 
-Every variant writes under outputs/recipe/<NAME>/; variants with the same Stage-1 settings share one
-Stage-1 run (copied, not retrained). The README's recipe table comes from the saved JSON.
+Every variant writes under outputs/recipe/<NAME>/ (a rerun reuses its finished phases).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -22,17 +20,6 @@ from infra.proof import ARMS, run_proof
 from schemas.config import load_config
 
 RESULTS = Path(__file__).parent / "results" / "recipe.json"
-
-
-def share_stage1(out: Path, root: Path) -> None:
-    """Copies a finished Stage-1 run with the same settings from another variant, if there is one."""
-    target = out / "train" / "align"
-    if (target / "done.json").is_file():
-        return
-    for other in sorted(root.glob("*/train/align/done.json")):
-        if other.parent.parent.parent != out:
-            shutil.copytree(other.parent, target, dirs_exist_ok=True)  # proof's Phases redoes it if settings differ
-            return
 
 
 def figures(report: dict) -> dict:
@@ -61,7 +48,6 @@ def main() -> None:
     args = p.parse_args()
     config = load_config(args.config, args.overrides)
     out = Path(args.root) / args.variant
-    share_stage1(out, Path(args.root))
     started = time.perf_counter()
     report = run_proof(config, Path(args.version), Path(config.world.dir), out=out)
     row = {**figures(report), "overrides": args.overrides, "seconds": time.perf_counter() - started,

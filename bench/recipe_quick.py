@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
+from generators.objects import load_coco_instances
 from schemas.config import GenerateConfig, ObjectsConfig
-from schemas.records import ObjectAnnotation, llava_conversation
+from schemas.records import llava_conversation
 
 WORLD = Path("data/world")
 OUT = Path("outputs/recipe_quick")
@@ -31,20 +32,13 @@ RESULTS = Path(__file__).parent / "results" / "recipe_quick.json"
 def probe_records(instances_path: Path, per_image: int) -> list[dict]:
     """One `negatives` record per training image, the program's answers, as the pipeline writes them."""
     data = json.loads(instances_path.read_text())
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    size = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
-    objects: dict[int, list[ObjectAnnotation]] = {img["id"]: [] for img in data["images"]}
-    for a in data["annotations"]:
-        w, h = size[a["image_id"]]
-        x, y, bw, bh = a["bbox"]
-        box = (max(0.0, x / w), max(0.0, y / h), min(1.0, (x + bw) / w), min(1.0, (y + bh) / h))
-        objects[a["image_id"]].append(ObjectAnnotation(category=names[a["category_id"]], box=box))
-    stats = fit_object_statistics([[o.category for o in v] for v in objects.values()])
+    objects = load_coco_instances([str(instances_path)])  # file name -> objects, as the pipeline's objects stage reads them
+    stats = fit_object_statistics([[o.category for o in objects[img["file_name"]]] for img in data["images"]])
     sampler = AbsentObjectSampler({"statistics": stats, "selected": None}, GenerateConfig(probes_per_image=per_image),
                                   ObjectsConfig())
     rows = []
     for img in sorted(data["images"], key=lambda i: i["id"]):
-        probes = sampler.probes_for(str(img["id"]), objects[img["id"]])
+        probes = sampler.probes_for(str(img["id"]), objects[img["file_name"]])
         if probes:
             rows.append({"id": str(img["id"]), "image": img["file_name"], "type": "negatives",
                          "conversations": llava_conversation([(p.question, p.answer) for p in probes])})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from evals.pope import STRATEGIES, format_pope_table
 
-ARMS = ("with_negatives", "without_negatives")
+ARMS = ("with_negatives", "without_negatives")  # the proof's two Stage-2 arms (infra/proof.py)
 # The targets for the with-negatives arm on the demo world's held-out images (2 CPU cores).
 ACCURACY_TARGET = {"random": 0.85, "popular": 0.80, "adversarial": 0.70}
 YES_RATIO_RANGE = (0.40, 0.60)

@@ -50,5 +50,5 @@ def counter_questions(questions: list[dict], present: dict[str, set[str]], seed:
 
 def flip_rate(pairs: list[dict]) -> dict:
     """Share of pairs whose two answers read as different labels (POPE's rule), with counts."""
-    flipped = sum(answer_to_label(p["answer"]) != answer_to_label(p["counter_answer"]) for p in pairs)
+    flipped = sum(p["flipped"] for p in pairs)
     return {"image_dependence": flipped / len(pairs) if pairs else None, "flipped": flipped, "pairs": len(pairs)}

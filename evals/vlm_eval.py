@@ -36,7 +36,7 @@ from tqdm import tqdm
 from evals.image_dependence import counter_questions, flip_rate
 from evals.pope import (STRATEGIES, build_pope_questions, format_pope_table, load_instances, objects_per_image,
                         score_pope, write_pope_file)
-from filters.yes_no import opening_yes_no
+from filters.yes_no import answer_to_label, opening_yes_no
 from schemas.errors import UserError
 
 DESCRIBE = "Describe the following image in detail."  # the first of LLaVA's detailed-description prompts
@@ -225,7 +225,8 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
         pairs = counter_questions(questions, present_in, config.seed)
         counter = answer([(p["counter_image"], p["text"]) for p in pairs], from_folder, config.max_new_tokens,
                          f"image dependence {split}")
-        pairs = [{**p, "answer": said[p["question_id"]], "counter_answer": c} for p, c in zip(pairs, counter)]
+        pairs = [{**p, "answer": said[p["question_id"]], "counter_answer": c,
+                  "flipped": answer_to_label(said[p["question_id"]]) != answer_to_label(c)} for p, c in zip(pairs, counter)]
         _write_jsonl(pairs, out / f"image_dependence_{split}.jsonl")
         results["image_dependence"][split] = {**flip_rate(pairs), "questions": len(questions)}
 

@@ -34,15 +34,29 @@ _WORD = re.compile(r"[a-z0-9']+")
 _COUNT_WORDS = {w: i for i, w in enumerate(NUMBER_WORDS) if i > 0}
 
 
+_DETERMINERS = {"a", "an", "any", "the", "single", "one"}
+_SEEING = {"see", "spot", "find", "notice", "have", "show", "shows", "contain", "contains"}
+
+
 @dataclass(frozen=True)
 class Mention:
     category: str
-    negated: bool
+    negated: bool  # a negator anywhere before it in the clause: the mention asserts nothing
+    denied: bool  # the negation is about this object itself ("no dog", "don't see a dog", "isn't a dog")
     count: int | None  # an explicit number right before the noun ("two cups", "3 cups")
 
 
 def _is_negator(word: str) -> bool:
     return word in _NEGATORS or word.endswith("n't")
+
+
+def _denies(before: list[str]) -> bool:
+    """The words right before a noun negate it: "no (small) dog", "not a dog", "don't see any dog" — and not
+    "is not holding the cup", where the negation is about something else."""
+    words = [w for w in before[-4:] if w not in _DETERMINERS]
+    if words and _is_negator(words[-1]):
+        return True
+    return len(words) >= 2 and words[-1] in _SEEING and _is_negator(words[-2])
 
 
 def mentions(text: str, vocabulary: tuple[str, ...] = COCO_CATEGORIES) -> list[Mention]:
@@ -61,7 +75,7 @@ def mentions(text: str, vocabulary: tuple[str, ...] = COCO_CATEGORIES) -> list[M
                 if back in _COUNT_WORDS:
                     count = _COUNT_WORDS[back]
                     break
-            found.append(Mention(forms[m.group(1).lower()], negated, count))
+            found.append(Mention(forms[m.group(1).lower()], negated, _denies(before), count))
     return found
 
 
@@ -74,7 +88,7 @@ def mention_problem(found: list[Mention], objects: list[ObjectAnnotation], excus
     counted = all(o.source == "annotation" for o in objects)  # zero-shot tags say nothing about numbers
     for m in found:
         if m.negated:
-            if m.category in present and m.count is None and m.category not in excused:
+            if m.denied and m.category in present and m.count is None and m.category not in excused:
                 return f"denies_present:{m.category}"
             continue
         if m.category not in present:
@@ -92,7 +106,7 @@ def probe_answer_problem(answer: str, found: list[Mention], probe: dict) -> str 
         return "no_yes_no_opening"
     if opening != label or answer_to_label(answer) != label:
         return f"label_flipped:{label}"
-    denied = next((m.category for m in found if m.negated and m.category != own), None)
+    denied = next((m.category for m in found if m.denied and m.category != own), None)
     if denied is not None:
         return f"other_object:{denied}"
     if is_bare_yes_no(answer) or any(m.category == own for m in found):

@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from evals.ab_report import ARMS
 from schemas.config import PipelineConfig, ProofConfig
 from schemas.errors import UserError
-
-ARMS = ("with_negatives", "without_negatives")
 
 
 def say(message: str) -> None:
@@ -183,12 +182,16 @@ def run_proof(config: PipelineConfig, version: Path, world: Path, model=None, ou
                                lm_layers=proof.lm_layers, lora=proof.lora,
                                freeze=["projector"] if proof.freeze_projector else [],
                                save_every=max(1, proof.finetune_steps // 2), **common)
-        summaries[arm] = phases.run(f"Stage 2 {arm}", Path(finetune.out), finetune.to_dict(),
+        # Keyed by what it starts from and reads, not only by paths: a new Stage 1 or new data retrains the arm.
+        settings = {"config": finetune.to_dict(), "stage1": summaries["align"],
+                    "data": hashlib.sha256(Path(arms[arm]["file"]).read_bytes()).hexdigest()}
+        summaries[arm] = phases.run(f"Stage 2 {arm}", Path(finetune.out), settings,
                                     lambda finetune=finetune, arm=arm: train(finetune, arm))
     results = {}
     for arm in ARMS:
         results[arm] = phases.run(f"eval {arm}", out / "eval" / arm,
-                                  {"checkpoint": summaries[arm], "proof": proof.model_dump()},
+                                  {"checkpoint": summaries[arm], "proof": proof.model_dump(), "version": str(version),
+                                   "world": str(world)},
                                   lambda arm=arm: evaluate(proof, version, world, out, arm))
     report = {"version": str(version), "out": str(out), "arms": arms, "training": summaries, "results": results,
               "phase_seconds": phases.seconds, "total_seconds": time.perf_counter() - started,

@@ -29,7 +29,8 @@ def demo_run(tmp_path_factory):
     head_was_up = head_is_up()
     overrides = [f"world.dir={base / 'world'}", "world.num_images=300", "world.num_val=30",
                  f"world.port={free_port()}", "world.slow_seconds=4", f"output_root={base / 'outputs'}",
-                 "crawl.shard_size=100", "crawl.timeout=1.5", "generate.max_images=10"]
+                 "crawl.shard_size=100", "crawl.timeout=1.5", "generate.max_images=10",
+                 "proof.enabled=false"]  # the proof's loop is tested on tiny models (tests/test_proof.py)
     final = run_demo(str(REPO / "configs" / "sample.yaml"), overrides)
     manifest = json.loads((final / "manifest.json").read_text())
     return {"final": final, "manifest": manifest, "world": base / "world", "overrides": overrides,

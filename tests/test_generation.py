@@ -193,6 +193,13 @@ def test_a_probe_answer_about_another_object_is_rejected():
 def test_denying_a_present_object_is_rejected_in_every_answer():
     assert verify_turn("There is no person here.", [obj("person"), obj("cup")]) == (None, ["denies_present:person"])
     assert verify_turn("There is no dog here, only a cup.", [obj("cup")]) == ("There is no dog here, only a cup.", [])
+    assert verify_turn("I don't see a person.", [obj("person")]) == (None, ["denies_present:person"])
+
+
+@pytest.mark.parametrize("answer", ["The person is not holding the cup.", "Nothing but a cup is here.",
+                                    "The person cannot reach the cup."])
+def test_a_negation_about_something_else_does_not_deny_the_objects_named(answer):
+    assert verify_turn(answer, [obj("person"), obj("cup")]) == (answer, [])
 
 
 def test_count_and_side_answers_that_deny_a_number_or_a_side_pass():

@@ -255,6 +255,14 @@ def test_the_projector_gets_its_own_learning_rate(tiny, tmp_path):
                       (1e-3, projector)]
 
 
+def test_resuming_with_other_trainable_modules_is_one_sentence(tiny, tmp_path):
+    from trainer.train import Trainer
+
+    Trainer(train_config(tiny, tmp_path / "run", max_steps=3, save_every=3), progress=False).run()
+    with pytest.raises(UserError, match=r"holds a run with stage=finetune, lora=False, lm_layers=None"):
+        Trainer(train_config(tiny, tmp_path / "run", lm_layers=1), progress=False)
+
+
 LORA = {"stage": "finetune", "lora": True, "grad_accum": 2, "gradient_checkpointing": True}
 
 

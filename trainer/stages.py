@@ -78,8 +78,9 @@ def wrap_lora(language_model: nn.Module, config: TrainConfig) -> nn.Module:
 
 
 def train_top_layers(language_model: nn.Module, n: int) -> None:
-    """Only the top n decoder blocks and the final norm train: the backward pass stops below them, which is
-    what makes a Stage 2 on 2 CPU cores affordable (the frozen blocks cost a forward pass only)."""
+    """Only the top n decoder blocks and the final norm train. With the projector frozen too (freeze), the
+    backward pass stops below them and the frozen blocks cost a forward pass only; while the projector trains,
+    gradients still pass through every block."""
     language_model.requires_grad_(False)
     layers = decoder_layers(language_model)
     for index in top_layers(language_model, n):

@@ -2,8 +2,8 @@
 
     python pipelines/train.py --stage align --data llava.json --image-folder images/ --out outputs/train/align
 
-CUDA with bf16 autocast when present (fp32 master weights), CPU fp32 otherwise; gradient
-accumulation; optional gradient checkpointing. Every optimizer step appends {step, loss, lr,
+CUDA with bf16 autocast when present (fp32 master weights); the CPU in fp32, or bf16 autocast with
+precision=bf16; gradient accumulation; optional gradient checkpointing. Every optimizer step appends {step, loss, lr,
 tokens, tokens_per_s} to `<out>/metrics.jsonl`; checkpoints (trainer/checkpoint.py) carry the
 optimizer, scheduler, RNG states and data position, so a re-run with the same --out continues the
 same loss curve.
@@ -91,7 +91,7 @@ class Trainer:
         learns at Stage 1's rate while the pretrained LM moves slowly)."""
         projector = [p for p in self.vlm.projector.parameters() if p.requires_grad]
         others = [p for n, p in self.vlm.named_parameters() if p.requires_grad and not n.startswith("projector.")]
-        if self.config.projector_lr is None or not projector:
+        if self.config.projector_lr is None or not projector or not others:
             return [{"params": projector + others}]
         return [g for g in ({"params": others}, {"params": projector, "lr": self.config.projector_lr}) if g["params"]]
 
@@ -104,9 +104,12 @@ class Trainer:
             check_architecture(start, config.model)
         if resume is not None:
             saved = saved_config(resume)
-            if (saved.stage, saved.lora) != (config.stage, config.lora):
-                raise UserError(f"{self.out} holds a {saved.stage} run (lora={saved.lora}); choose another --out "
-                                f"for this {config.stage} run (lora={config.lora}), or set resume=false to overwrite.")
+            knobs = ("stage", "lora", "lm_layers", "freeze", "projector_lr")
+            if any(getattr(saved, k) != getattr(config, k) for k in knobs):
+                was = ", ".join(f"{k}={getattr(saved, k)}" for k in knobs)
+                now = ", ".join(f"{k}={getattr(config, k)}" for k in knobs)
+                raise UserError(f"{self.out} holds a run with {was}; choose another --out for this one ({now}), "
+                                f"or set resume=false to overwrite it.")
         return resume, start
 
     def autocast(self):

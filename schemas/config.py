@@ -180,7 +180,7 @@ _TEACHER_OPERATIONAL = {"base_url", "api_key_env", "concurrency", "timeout", "ma
 class ProofConfig(_Section):
     """The demo's proof that the data works (infra/proof.py): Stage 1, Stage 2 with and without the negatives
     at equal compute, POPE / image dependence / QA evals of both arms, and a report. Defaults are the recipe
-    measured on 2 CPU cores (bench/results/recipe.json); on a GPU raise the steps."""
+    measured on 2 CPU cores (bench/results/recipe_quick.json); on a GPU raise the steps."""
 
     enabled: bool = Field(default=True, description="false: stop at the published dataset")
     align_steps: int = Field(default=200, ge=1)

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Callable, Literal
 
-import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
@@ -79,9 +78,9 @@ class GreedyAnswerer:
         self.encoder = ConversationEncoder(vlm.tokenizer, vlm.image_token_id, vlm.num_patches, render, max_length=4096)
         self.collate = Collate(pad_token_id(vlm.tokenizer), vlm.vision_tower.image_size, pad_left=True)
         self.device = next(vlm.projector.parameters()).device
-        on_cuda = self.device.type == "cuda"
-        self.bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
-        self.autocast_device = "cuda" if on_cuda else "cpu"
+        from trainer.config import autocast
+
+        self.precision, self.autocast = precision, autocast
         self.known: dict[tuple[str, str, int], str] = {}
 
     def _prompt(self, image: Image.Image, question: str) -> dict:
@@ -97,7 +96,7 @@ class GreedyAnswerer:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start:start + self.batch_size]
                 batch = self.collate([self._prompt(image_of(key), text) for key, text in chunk])
-                with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.bf16):
+                with self.autocast(self.device.type, self.precision):
                         new = self.vlm.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                             batch["pixel_values"].to(self.device), max_new_tokens=max_new_tokens,
                                             do_sample=False)  # [B, T_new]

@@ -93,6 +93,19 @@ class TrainConfig(_Section):
         return self.model_dump(mode="json")
 
 
+def autocast(device: str, precision: str):
+    """The autocast context for `precision` on `device` ("cuda..." or "cpu"): bf16 when asked, or on CUDA by
+    default; otherwise none (fp32). The trainer and the evals use the same rule."""
+    import contextlib
+
+    import torch
+
+    on_cuda = str(device).startswith("cuda")
+    if precision == "bf16" or (precision == "auto" and on_cuda):
+        return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def flag_fields() -> list[str]:
     """Top-level fields that are plain values, each offered as `--field-name`."""
     return [n for n, f in TrainConfig.model_fields.items() if n != "model"]

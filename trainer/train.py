@@ -10,7 +10,6 @@ same loss curve.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -26,7 +25,7 @@ from schemas.errors import UserError
 from trainer.checkpoint import (CHECKPOINTS, build_vlm, check_architecture, checkpoints_in, find_checkpoint,
                                 load_trainer_state, load_weights, prune_checkpoints, save_checkpoint, saved_config,
                                 set_rng_states)
-from trainer.config import TrainConfig, save_config
+from trainer.config import TrainConfig, autocast, save_config
 from trainer.conversation import IGNORE, ConversationEncoder
 from trainer.data import Collate, EpochOrder, TrainingSamples, open_rows
 from trainer.language_model import pad_token_id
@@ -113,10 +112,7 @@ class Trainer:
         return resume, start
 
     def autocast(self):
-        on_cuda = self.device.startswith("cuda")
-        if self.config.precision == "bf16" or (self.config.precision == "auto" and on_cuda):
-            return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.config.precision)
 
     def batches(self):
         """Endless micro-batches from where the data order stands at `self.step`."""

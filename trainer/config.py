@@ -73,8 +73,8 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, ge=1, description="newest checkpoints kept in out/checkpoints")
     gradient_checkpointing: bool = False
     device: str = "auto"
-    # bf16 autocast (fp32 master weights): always on CUDA; on a CPU with native bf16 (AVX512-BF16 / AMX) it
-    # doubles training speed (SmolLM2-135M, batches of 8 x 250 tokens: 105-157 -> 201-220 tokens/s on 2 cores).
+    # bf16 autocast (fp32 master weights): always on CUDA; on the CPU when asked (fast where the CPU has native
+    # bf16, AVX512-BF16 / AMX).
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on "
                                                                                    "CUDA, fp32 on the CPU")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from filters.yes_no import answer_to_label, is_bare_yes_no, opening_yes_no
 from generators.vocabulary import COCO_CATEGORIES, NUMBER_WORDS, mention_pattern, surface_forms
-from schemas.records import ImageRecord, ObjectAnnotation, StageResult, llava_conversation
+from schemas.records import IMAGE_TOKEN, ImageRecord, ObjectAnnotation, StageResult, llava_conversation
 
 _NEGATORS = {"no", "not", "never", "without", "none", "neither", "nor", "nothing", "cannot", "absent", "lacks"}
 _CLAUSE = re.compile(r"[.;:!?,]|\bbut\b|\bwhile\b|\bwhereas\b|\bhowever\b", re.IGNORECASE)
@@ -132,7 +132,7 @@ class GroundingVerifier:
         """(the LLaVA record with only grounded turns or None, rejected turns with reasons)."""
         turns, kept_turns, good, rejected = item["conversations"], [], [], []
         for i in range(0, len(turns) - 1, 2):
-            question, answer = turns[i]["value"].replace("<image>\n", ""), turns[i + 1]["value"]
+            question, answer = turns[i]["value"].replace(f"{IMAGE_TOKEN}\n", ""), turns[i + 1]["value"]
             probe = probes[i // 2] if item["type"] == "negatives" else None
             reason = self.check_answer(answer, objects, probe)
             if reason is not None:

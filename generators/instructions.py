@@ -7,7 +7,8 @@ the teacher rephrases the answers of the first `rephrase_per_image` probes of a 
 other answers stay the program's own phrasings, with no teacher call. The record's provenance carries
 `probe_labels` and `probe_kinds`, aligned with its human turns (the verifier keeps them aligned).
 Records are in LLaVA's schema: `{"id", "type", "conversations": [{"from": "human"|"gpt", "value"}],
-"provenance"}` with `<image>` in the first human turn. A request that fails for good drops the image
+"provenance"}` with `<image>` in the first human turn and nowhere else (`llava_conversation` neutralizes
+placeholders a caption or the teacher put in the text). A request that fails for good drops the image
 with `teacher_error:<kind>`.
 """
 from __future__ import annotations

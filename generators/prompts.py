@@ -12,7 +12,7 @@ from collections import Counter
 from pydantic import BaseModel, ConfigDict, Field
 
 from generators.vocabulary import noun_phrase
-from schemas.records import ObjectAnnotation
+from schemas.records import ObjectAnnotation, neutralize_placeholders
 
 PROMPT_VERSION = "2026-11-30.1"
 
@@ -60,9 +60,12 @@ def side(box) -> str:
 
 
 def facts(caption: str, objects: list[ObjectAnnotation]) -> str:
+    """What the teacher is told about one image. The caption's image placeholders are neutralized here too
+    (validate did it for crawled records), so the teacher never sees one to copy."""
+    caption = neutralize_placeholders(caption or "")
     counts = Counter(o.category for o in objects)
     summary = ", ".join(noun_phrase(c, n) for c, n in sorted(counts.items())) or "nothing we can name"
-    lines = [f"Caption: {json.dumps(caption or '')}", f"Objects: {summary}."]
+    lines = [f"Caption: {json.dumps(caption)}", f"Objects: {summary}."]
     for o in objects:
         where = f"[{', '.join(f'{v:.2f}' for v in o.box)}] ({side(o.box)})" if o.box else "(place unknown)"
         lines.append(f"- {o.category} {where}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from evals.ab_report import ARMS
 from schemas.config import PipelineConfig, ProofConfig
 from schemas.errors import UserError
+from schemas.records import IMAGE_TOKEN, neutralize_placeholders
 
 
 def say(message: str) -> None:
@@ -46,7 +47,8 @@ def write_plain_captions(captions: Path, out: Path) -> int:
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
         first.setdefault(ann["image_id"], ann["caption"])
     rows = [{"id": str(img["id"]), "image": img["file_name"],
-             "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": first[img["id"]]}]}
+             "conversations": [{"from": "human", "value": IMAGE_TOKEN},
+                               {"from": "gpt", "value": neutralize_placeholders(first[img["id"]])}]}
             for img in sorted(data["images"], key=lambda img: img["id"]) if img["id"] in first]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=0), encoding="utf-8")

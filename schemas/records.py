@@ -5,6 +5,7 @@ a reason (`decode_error:...`, `pixels_too_large:...`), so nothing vanishes.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,11 +93,33 @@ class ObjectAnnotation(BaseModel):
         return self
 
 
+IMAGE_TOKEN = "<image>"  # where a sample's image goes: LLaVA's placeholder, and the trainer's (trainer/conversation.py)
+
+# What a VLM trainer could expand into image or video features, in any case and with spaces inside:
+# ours and LLaVA's <image>, LLaVA-Video's <video>, LLaVA's <im_start>/<im_end>/<im_patch>, Llama 3.2's
+# <|image|>, Qwen2-VL's <|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>, <|vision_pad|>.
+_PLACEHOLDER = re.compile(r"<\|?\s*(image|video|im_start|im_end|im_patch|image_pad|video_pad|vision_start|vision_end|"
+                          r"vision_pad)\s*\|?>", re.IGNORECASE)
+
+
+def neutralize_placeholders(text: str) -> str:
+    """Web or teacher text with every image placeholder made inert: `<image>` -> `[image]`, `< Video >` ->
+    `[Video]`, `<|image_pad|>` -> `[image_pad]` (the pattern above lists what counts). Captions and answers
+    are data: a caption holding `<image>` would otherwise give its record a second image slot, which the
+    trainer rejects (or, in another trainer, fills with the wrong features). Applied to the caption at
+    validate (so the teacher prompt, CLIP and the published `caption` column get the inert text) and to
+    every question and answer in `llava_conversation`, the one builder of written turns."""
+    return _PLACEHOLDER.sub(lambda m: f"[{m.group(1)}]", text)
+
+
 def llava_conversation(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
-    """(question, answer) pairs as LLaVA's `conversations`: human/gpt turns, `<image>` in the first human turn."""
+    """(question, answer) pairs as LLaVA's `conversations`: human/gpt turns, `<image>` in the first human turn
+    and nowhere else (placeholders in the text are neutralized)."""
     turns = []
     for i, (question, answer) in enumerate(pairs):
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question}, {"from": "gpt", "value": answer}]
+        question, answer = neutralize_placeholders(question), neutralize_placeholders(answer)
+        turns += [{"from": "human", "value": (f"{IMAGE_TOKEN}\n" if i == 0 else "") + question},
+                  {"from": "gpt", "value": answer}]
     return turns
 
 

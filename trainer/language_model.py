@@ -13,9 +13,9 @@ import torch
 
 from filters.clip_loader import _hub_reachable
 from schemas.errors import UserError
+from schemas.records import IMAGE_TOKEN  # the placeholder the data pipeline writes, one per record
 from trainer.config import EMBEDDED_LM
 
-IMAGE_TOKEN = "<image>"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

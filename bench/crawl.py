@@ -3,9 +3,10 @@
     python -m bench.crawl            # full: 5,000-image world (5,300 clean URLs), 5 repetitions, ~8 minutes
     python -m bench.crawl --quick    # smoke run: 1,000-image world, 1 repetition
 
-"Ours" is what the pipeline runs: prepare_url_list, crawl (img2dataset), then read_shard + the
-validate stage per shard on a pool of one worker per core. "Plain" is the img2dataset CLI with the
-same `img2dataset_arguments`. Both run as fresh processes on the same loopback URL list, interleaved
+"Ours" is what the pipeline runs: prepare_url_list, crawl (img2dataset with our guarded downloader,
+pipelines/fetch.py: URL policy on every resolved address, deadline, byte limit), then read_shard + the
+validate stage per shard on a pool of one worker per core. "Plain" is the img2dataset CLI (its own
+urllib downloader, no guard) with the same `img2dataset_arguments`. Both run as fresh processes on the same loopback URL list, interleaved
 (ours, plain, then plain, ours, ...), each into a fresh output directory. images/s is images stored
 (ours: kept by validate; plain: img2dataset successes) per wall second; the ratio is the median of
 the per-repetition ratios, so a busy machine slows both alike. Writes bench/results/crawl.json.
@@ -83,7 +84,8 @@ def run_ours(source: Path, work: Path) -> dict:
     config = load_config(CONFIG, [f"crawl.url_list={source}"])
     url_list, shards = work / "urls.parquet", work / "shards"
     start = time.perf_counter()
-    rows = prepare_url_list(source, url_list, config.crawl.preflight_hosts, config.crawl.shard_size)
+    rows = prepare_url_list(source, url_list, config.crawl.preflight_hosts, config.crawl.shard_size,
+                            frozenset(config.crawl.allow_private_networks))
     prepared = time.perf_counter()
     crawl(config.crawl, url_list, shards, distributor="multiprocessing")
     crawled = time.perf_counter()

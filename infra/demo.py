@@ -3,7 +3,7 @@
     python -m infra.demo [--config configs/sample.yaml] [--set section.field=value ...]
     python -m infra.demo --set proof.enabled=false      # only the data part: stop at the published dataset
 
-Renders the sample world (once), serves it on 127.0.0.1, starts a local Ray head, submits
+Renders the sample world (once), serves it on 127.0.0.1, starts a local Ray head (127.0.0.1 only), submits
 `pipelines/build_instruct.py` with `ray job submit` (Ray's own log goes to
 `<output_root>/<name>/ray_job.log`; the terminal shows our progress lines), prints the per-reason summary,
 and stops the head and the server again, also when something fails. Then `infra.proof` trains Stage 1,
@@ -19,11 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-from infra.local_cluster import dashboard_url, ray_executable, start_head, stop_head
+from infra.local_cluster import HOST, dashboard_url, ray_executable, start_head, stop_head
+from infra.processes import dies_with_parent
 from infra.world_noise import prepare_world
 from infra.world_server import WorldServer
-from pipelines.cli import exit_on_user_error, parser
-from pipelines.run import RunDirectory, code_revision, format_summary
+from pipelines.cli import disk_full_is_user_error, exit_on_user_error, parser
+from pipelines.run import RunDirectory, check_output_root, code_revision, format_summary
 from schemas.config import load_config
 from schemas.errors import UserError
 
@@ -64,7 +65,8 @@ def run_job(command: list[str], log_path: Path) -> int:
 
     threading.Thread(target=heartbeat, daemon=True).start()
     with log_path.open("w") as log:
-        job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               preexec_fn=dies_with_parent())  # a killed demo's head is stopped by the next start_head
         for line in job.stdout:
             log.write(line)
             if OURS.search(line):
@@ -79,14 +81,17 @@ def run_job(command: list[str], log_path: Path) -> int:
 
 def run_demo(config_path: str, overrides: list[str]) -> Path:
     config = load_config(config_path, overrides)
-    world_dir = prepare_world(config.world).resolve()
+    check_output_root(config)  # a file, a read-only directory or a full disk: one sentence before the world renders
+    with disk_full_is_user_error(config.world.dir):
+        world_dir = prepare_world(config.world).resolve()
     # The job runs in a copy of the repo (--working-dir), so every path it gets is absolute.
     overrides = [*overrides, f"output_root={Path(config.output_root).resolve()}", *world_overrides(world_dir)]
     config = load_config(config_path, overrides)
     with WorldServer(world_dir, config.world.host, config.world.port, config.world.slow_seconds) as server:
         print(f"serving the sample world at {server.base_url}")
         started = start_head()
-        print(f"Ray head {'started' if started else 'already running'} at {dashboard_url()}")
+        print(f"Ray head started, bound to {HOST} only, at {dashboard_url()}" if started
+              else f"Ray head already running at {dashboard_url()} (not started by the demo)")
         try:
             log = Path(config.output_root).resolve() / config.name / "ray_job.log"
             returncode = run_job(submit_command(str(Path(config_path).resolve()), overrides), log)

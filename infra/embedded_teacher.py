@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from infra.processes import dies_with_parent
 from schemas.config import TeacherConfig
 from schemas.errors import UserError
 
@@ -72,14 +73,17 @@ class EmbeddedTeacher:
 
     def __enter__(self) -> str:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        # The server dies with this process, even when it is killed with SIGKILL (no leftover holding the port).
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=dies_with_parent())
         deadline = time.monotonic() + self.wait_seconds
         while not self.healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if (code := self.process.poll()) is not None or time.monotonic() > deadline:
                 self.stop()
                 where = f"; its log is {self.log_path}" if self.log_path else ""
-                raise UserError(f"The embedded teacher (llama.cpp server on port {self.port}) did not become "
-                                f"healthy within {self.wait_seconds:.0f} s{where}.")
+                what = (f"exited with code {code} before answering" if code is not None
+                        else f"did not become healthy within {self.wait_seconds:.0f} s")
+                raise UserError(f"The embedded teacher (llama.cpp server on port {self.port}) {what}{where}.")
             time.sleep(0.3)
         return self.base_url
 

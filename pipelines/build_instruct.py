@@ -20,7 +20,7 @@ from ray.data.expressions import col
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
 
 from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
-from pipelines.crawl import crawl, read_shard  # noqa: E402
+from pipelines.crawl import crawl, crawl_passes, read_shard  # noqa: E402
 from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, records_to_table, stage_plan  # noqa: E402
@@ -88,7 +88,8 @@ def _run(run_dir: RunDirectory) -> dict:
     ds.filter(expr=col("status") == KEEP).write_parquet(str(run_dir.work / "records"))
     ds.filter(expr=col("status") != KEEP).drop_columns(["image"]).write_parquet(str(run_dir.work / "dropped"))
 
-    return run_dir.finish(num_rows, time.perf_counter() - start, {"ray_stats": ds.stats()})
+    return run_dir.finish(num_rows, time.perf_counter() - start,
+                          {"ray_stats": ds.stats(), "crawl_passes": crawl_passes(run_dir.shards)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
 
 from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
-from pipelines.crawl import crawl, read_shard  # noqa: E402
+from pipelines.crawl import crawl, crawl_passes, read_shard  # noqa: E402
 from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
 from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, stage_plan  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
@@ -110,7 +110,9 @@ def _run(run_dir: RunDirectory, beam_args: list[str], shards_from: Path | None) 
         _ = (rows | "Dropped" >> beam.Filter(lambda r: r["status"] != KEEP)
              | "WriteDropped" >> beam.io.WriteToParquet(str(dropped_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
 
-    return run_dir.finish(num_rows, time.perf_counter() - start, {"shards": str(shards)})
+    # The work directory is renamed when the run finishes: name where the shards will be, not where they were.
+    kept_at = run_dir.final / "shards" if shards == run_dir.shards else shards
+    return run_dir.finish(num_rows, time.perf_counter() - start, {"shards": str(kept_at), "crawl_passes": crawl_passes(shards)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,8 @@
 Writes, inside the run directory:
   hf/                      DatasetDict {train, validation} (save_to_disk); one row per LLaVA record
   llava/{train,validation}.json, llava/images/<uid>.<ext>   what LLaVA's training scripts read
+  push.json                the last Hub push: status, repo, tag URL or the error sentence, attempts (never the
+                           token); a version whose push failed is pushed again by the next run of its config
 Both keep each record's provenance as JSON text (a `negatives` record's `probe_labels` / `probe_kinds`
 align with its turns: a "without negatives" set drops the turns labelled "no").
 The split is by image (every record of an image lands in the same split), decided by a hash of
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from schemas.errors import UserError
 
 SPLITS = ("train", "validation")
 RECORD_COLUMNS = ["uid", "caption", "image", "clip_score", "objects", "instructions"]
+PUSH_RECORD = "push.json"
 _MAGIC = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif", b"GIF89a": "gif"}
 
 
@@ -169,23 +173,59 @@ def push_to_hub(run_dir: Path, repo_id: str, version: str, token_env: str = "HF_
     raise UserError(f"Pushing to {repo_id} failed ({reason}); check {token_env} and the repo name.")
 
 
+def push_record(run_dir: Path) -> dict:
+    """The version's last push (empty when it was never pushed, or the record is unreadable: push again)."""
+    try:
+        return json.loads((Path(run_dir) / PUSH_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def push_version(run_dir: Path, repo_id: str, version: str, token_env: str = "HF_TOKEN") -> str:
+    """push_to_hub, its outcome recorded in `run_dir/push.json`, so that a failed push is retried by the next
+    run rather than forgotten; returns the tag's URL. The record holds the error sentence, never the token."""
+    run_dir = Path(run_dir)
+    attempt = {"repo": repo_id, "version": version, "attempts": push_record(run_dir).get("attempts", 0) + 1,
+               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        url = push_to_hub(run_dir, repo_id, version, token_env)
+    except UserError as err:
+        _write_push_record(run_dir, {**attempt, "status": "failed", "error": str(err)})
+        raise UserError(f"{str(err).rstrip('.')} (recorded in {run_dir / PUSH_RECORD}; running the same command "
+                        f"again retries the push).") from None
+    _write_push_record(run_dir, {**attempt, "status": "pushed", "tag_url": url})
+    return url
+
+
+def _write_push_record(run_dir: Path, record: dict) -> None:
+    partial = run_dir / (PUSH_RECORD + ".partial")  # renamed into place: a record is never half written
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.rename(run_dir / PUSH_RECORD)
+
+
 def main() -> None:
     from pipelines.dataset_card import write_dataset_card
 
     p = argparse.ArgumentParser(description="Publish a finished run: hf/, llava/, README.md card, optional Hub push.")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--validation-fraction", type=float, default=0.05)
-    p.add_argument("--push", metavar="REPO_ID", help="push to this Hub dataset repo (token from $HF_TOKEN)")
+    p.add_argument("--validation-fraction", type=float, default=None, help="default: the run's own")
+    p.add_argument("--push", metavar="REPO_ID", help="push to this Hub dataset repo (token from the run's "
+                                                     "publish.token_env, HF_TOKEN by default)")
     args = p.parse_args()
     manifest_path = args.run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} does not exist; publish a finished run's directory.")
     manifest = json.loads(manifest_path.read_text())
-    counts = publish_dataset(args.run_dir, args.validation_fraction)
+    config = manifest.get("config", {})
+    publish = config.get("publish", {})
+    # The run's own split, so that a re-publish (or a retried push) ships the split the run made.
+    fraction = publish.get("validation_fraction", 0.05) if args.validation_fraction is None else args.validation_fraction
+    counts = publish_dataset(args.run_dir, fraction, config.get("teacher", {}).get("seed", 0))
     print(f"published {json.dumps(counts)} -> {args.run_dir / 'hf'}, {args.run_dir / 'llava'}")
     print(f"card: {write_dataset_card(args.run_dir, manifest, counts)}")
     if args.push:
-        print(f"pushed: {push_to_hub(args.run_dir, args.push, manifest['version'])}")
+        url = push_version(args.run_dir, args.push, manifest["version"], publish.get("token_env", "HF_TOKEN"))
+        print(f"pushed: {url}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from typing import Iterator
 from evals.grounding_eval import evaluate_grounding
 from evals.noise_eval import evaluate_against_noise, read_rows
 from filters.clip_loader import resolve_weights
+from generators.objects import load_coco_instances
 from generators.prompts import PROMPT_VERSION
 from generators.teacher import TeacherUsage, check_reachable
 from pipelines.dataset_card import write_dataset_card
-from pipelines.publish import publish_dataset, push_to_hub
+from pipelines.cli import disk_full_error, disk_full_is_user_error, no_space_sentence
+from pipelines.publish import publish_dataset, push_record, push_version
 from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, prepare_url_list
 from schemas.config import PipelineConfig, save_config
@@ -50,8 +53,9 @@ def code_revision() -> str:
 @contextlib.contextmanager
 def teacher_endpoint(config: PipelineConfig, run: "RunDirectory") -> Iterator[PipelineConfig]:
     """The config with `teacher.base_url` set to a reachable server: the embedded llama.cpp server is
-    started here (and stopped on exit); any other endpoint is checked with one request."""
-    with contextlib.ExitStack() as stack:
+    started here (and stopped on exit); any other endpoint is checked with one request. Both engines run the
+    whole crawl-to-publish inside this block, so a full disk anywhere in it is one sentence naming the run."""
+    with disk_full_is_user_error(run.work), contextlib.ExitStack() as stack:
         teacher = config.teacher
         if teacher.kind == "embedded":
             from infra.embedded_teacher import EmbeddedTeacher  # infra runs things; only the embedded kind needs it
@@ -66,6 +70,46 @@ def teacher_endpoint(config: PipelineConfig, run: "RunDirectory") -> Iterator[Pi
             raise UserError("teacher.kind=openai needs teacher.base_url (e.g. https://api.openai.com/v1).")
         check_reachable(teacher, base_url)
         yield config.model_copy(update={"teacher": teacher.model_copy(update={"base_url": base_url})})
+
+
+def check_output_root(config: PipelineConfig) -> Path:
+    """`<output_root>/<name>`, checked before anything starts: inside output_root, and a directory (or creatable
+    under one) where a file can be written, so a file, a read-only directory or a full disk is one sentence."""
+    root = Path(config.output_root).resolve()
+    run_root = (root / config.name).resolve()
+    if run_root == root or not run_root.is_relative_to(root):  # the name check refuses '.' and '..'; symlinks too
+        raise UserError(f"Run name {config.name!r} leads to {run_root}, outside output_root {root}; set name to a "
+                        f"plain directory name such as 'sample'.")
+    existing = run_root
+    while not existing.exists():  # the nearest part that exists; the rest is created by the run
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == run_root:
+            raise UserError(f"{run_root} is a file where the run's directory goes; move it away or set another name.")
+        what = f"output_root {root} is " + ("a file" if existing == root else f"under a file, {existing}")
+        raise UserError(f"{what}, not a directory; set output_root to a directory (it is created when missing).")
+    try:
+        with tempfile.TemporaryFile(dir=existing) as probe:  # unnamed: nothing is left behind
+            probe.write(b"\0" * 4096)
+            probe.flush()
+    except OSError as err:
+        if disk_full_error(err) is not None:
+            raise UserError(no_space_sentence(err, existing)) from None
+        raise UserError(f"output_root {root} is not writable ({err.strerror or err} in {existing}); set "
+                        f"output_root to a directory you can write to.") from None
+    return Path(config.output_root).resolve() / config.name
+
+
+def check_annotations(paths: list[str]) -> None:
+    """Each objects.annotations / evaluate.ground_truth file read as the objects stage and the grounding eval
+    will read it: a missing file, a directory or anything that is not COCO instances JSON is one sentence here,
+    before crawling, rather than a worker's traceback after the crawl and CLIP."""
+    for path in map(Path, paths):
+        if not path.is_file():
+            state = "is a directory" if path.is_dir() else "does not exist"
+            raise UserError(f"Annotation file {path} {state}; set objects.annotations (or evaluate.ground_truth) "
+                            f"to COCO instances JSON files, or to [] to tag with CLIP.")
+    load_coco_instances(paths)
 
 
 @dataclass
@@ -88,7 +132,7 @@ class RunDirectory:
         weights_sha = "|".join(file_sha256(p) for p in weights)
         digest = hashlib.sha256(f"{config.fingerprint()}|{url_sha}|{weights_sha}|{engine}".encode()).hexdigest()
         version = f"v-{digest[:12]}"
-        final = Path(config.output_root).resolve() / config.name / version
+        final = check_output_root(config) / version
         return cls(config, engine, version, final, final.with_name(version + ".partial"), url_sha)
 
     def with_config(self, config: PipelineConfig) -> "RunDirectory":
@@ -108,19 +152,17 @@ class RunDirectory:
         return self.work / "shards"
 
     def prepare(self, probe_hosts: bool = True) -> int:
-        """Checks the URL list (and that its hosts answer, before anything is crawled), creates the work
-        directory with the resolved config and the uid'ed URL list; returns the row count."""
+        """Checks the annotation files and the URL list (and that its hosts answer, before anything is crawled),
+        creates the work directory with the resolved config and the uid'ed URL list; returns the row count."""
         resolve_weights(self.config.clip)  # a bad model name or checkpoint fails here, not inside a worker
+        check_annotations(self.config.objects.annotations + self.config.evaluate.ground_truth)
         self.work.mkdir(parents=True, exist_ok=True)
         for derived in ("records", "dropped"):  # a resumed run rewrites these whole; only shards are reused
             shutil.rmtree(self.work / derived, ignore_errors=True)
         save_config(self.config, self.work / "config.yaml")
         hosts = self.config.crawl.preflight_hosts if probe_hosts else 0
-        rows = prepare_url_list(self.config.crawl.url_list, self.url_list, hosts, self.config.crawl.shard_size)
-        for path in self.config.objects.annotations + self.config.evaluate.ground_truth:
-            if not Path(path).is_file():
-                raise UserError(f"Annotation file {path} does not exist; set objects.annotations (or "
-                                f"evaluate.ground_truth) to COCO instances JSON files, or to [] to tag with CLIP.")
+        rows = prepare_url_list(self.config.crawl.url_list, self.url_list, hosts, self.config.crawl.shard_size,
+                                frozenset(self.config.crawl.allow_private_networks))
         return rows
 
     def existing_manifest(self) -> dict | None:
@@ -128,7 +170,18 @@ class RunDirectory:
         if not self.complete:
             return None
         print(f"{self.final} is complete already; not overwriting it (change the config for a new version).")
-        return json.loads((self.final / "manifest.json").read_text())
+        manifest = json.loads((self.final / "manifest.json").read_text())
+        last_push = push_record(self.final)  # a push that failed (or never ran) is owed, not forgotten
+        if self.config.publish.push_to_hub and last_push.get("status") != "pushed":
+            print(f"{self.final} is not on the Hub yet ({last_push.get('error', 'no push recorded').rstrip('.')}); "
+                  f"pushing it now.")
+            self.push()
+        return manifest
+
+    def push(self) -> None:
+        """Pushes the finished version to publish.hub_repo; the outcome is recorded in its push.json."""
+        publish = self.config.publish
+        print(f"pushed: {push_version(self.final, publish.hub_repo, self.version, publish.token_env)}")
 
     def finish(self, num_rows: int, seconds: float, extra: dict | None = None) -> dict:
         """Counts what was written, writes the manifest last, renames `.partial` away, prints the summary."""
@@ -156,10 +209,8 @@ class RunDirectory:
         print(format_summary(manifest))
         print(f"Hugging Face dataset: {self.final / 'hf'}  (datasets.load_from_disk)")
         print(f"LLaVA export: {self.final / 'llava'}")
-        if self.config.publish.push_to_hub:
-            if not self.config.publish.hub_repo:
-                raise UserError("publish.push_to_hub needs publish.hub_repo (e.g. my-org/my-dataset).")
-            print(f"pushed: {push_to_hub(self.final, self.config.publish.hub_repo, self.version, self.config.publish.token_env)}")
+        if self.config.publish.push_to_hub:  # publish.hub_repo is checked with the config, before crawling
+            self.push()
         return manifest
 
 

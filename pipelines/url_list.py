@@ -7,7 +7,6 @@ run directory: that copy is what img2dataset crawls and what every later count r
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -31,6 +30,9 @@ def file_sha256(path: Path) -> str:
 
 def read_url_list(path: str | Path) -> pa.Table:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"URL list {path} is a directory; set crawl.url_list to one parquet (or csv/tsv) file "
+                        f"with url and caption columns.")
     if not path.is_file():
         raise UserError(f"URL list {path} does not exist; set crawl.url_list to a parquet file with url and caption columns.")
     try:
@@ -64,45 +66,53 @@ def with_uids(table: pa.Table) -> pa.Table:
     return pa.table({"uid": uids, "url": urls, "caption": table.column("caption").cast(pa.string())})
 
 
-def check_hosts_reachable(urls: list[str], max_hosts: int, timeout: float = 2.0) -> list[str]:
-    """Try a TCP connection to up to `max_hosts` distinct hosts; raise if none answers.
+def check_hosts_reachable(urls: list[str], max_hosts: int, allow: frozenset[str] = frozenset(),
+                          timeout: float = 2.0) -> list[str]:
+    """Try a TCP connection to up to `max_hosts` distinct hosts the URL policy allows (pipelines/fetch.py: a
+    refused address is never connected to); raise if none answers, or if every host is refused.
 
     Returns the hosts that did not answer (their rows still get per-record reasons from the crawl).
     """
+    from pipelines.fetch import FetchError, guarded_connection, normalize_url
+
     hosts: list[tuple[str, int]] = []
     for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            continue
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
+            parts = urlsplit(normalize_url(url))
+        except FetchError:
             continue
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         if (parts.hostname, port) not in hosts:
             hosts.append((parts.hostname, port))
         if len(hosts) >= max_hosts:
             break
     if not hosts:
         raise UserError("URL list holds no http(s) URL with a host name; check the url column.")
-    unreachable = []
+    unreachable, refused = [], []
     for host, port in hosts:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            guarded_connection(allow, (host, port), timeout).close()
+        except FetchError as err:
+            (refused if err.kind == "blocked_address" else unreachable).append(f"{host}:{port} ({err})")
         except OSError as err:
             unreachable.append(f"{host}:{port} ({err.strerror or err})")
-    if len(unreachable) == len(hosts):
+    if len(refused) == len(hosts):
+        raise UserError(f"Every URL host tried is a non-public address the crawl refuses ({refused[0]}); to crawl "
+                        f"a server of your own, allow its class, e.g. --set crawl.allow_private_networks=[loopback].")
+    if len(unreachable) + len(refused) == len(hosts):
         raise UserError(
             f"No URL host is reachable (tried {', '.join(unreachable[:3])}); start the image server or check the network."
         )
-    return unreachable
+    return unreachable + refused
 
 
-def prepare_url_list(source: str | Path, destination: Path, max_hosts: int, shard_size: int) -> int:
+def prepare_url_list(source: str | Path, destination: Path, max_hosts: int, shard_size: int,
+                     allow: frozenset[str] = frozenset()) -> int:
     """Checks the list, probes its hosts, writes the uid'ed copy (one row group per crawl shard); returns the row count."""
     table = with_uids(read_url_list(source))
     if max_hosts:
-        for host in check_hosts_reachable(table.column("url").to_pylist(), max_hosts):
-            print(f"warning: URL host {host} did not answer; its rows will be dropped with download errors")
+        for host in check_hosts_reachable(table.column("url").to_pylist(), max_hosts, allow):
+            print(f"warning: URL host {host} did not answer or is refused; its rows will be dropped with download errors")
     destination.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, destination, row_group_size=shard_size)
     return table.num_rows

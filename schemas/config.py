@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from schemas.errors import UserError
 
@@ -32,11 +32,23 @@ class WorldConfig(_Section):
 
 
 class CrawlConfig(_Section):
-    """img2dataset settings. Images are stored as downloaded (no re-encoding): validate decodes them."""
+    """img2dataset settings, with our guarded downloader (pipelines/fetch.py) in its place. Images are stored
+    as downloaded (no re-encoding): validate decodes them."""
 
     url_list: str = "data/world/urls.parquet"
-    timeout: float = Field(default=2.0, gt=0, description="seconds per request")
-    retries: int = Field(default=0, ge=0)
+    timeout: float = Field(default=2.0, gt=0, description="seconds per connect or read")
+    download_deadline: float = Field(default=20.0, gt=0, description="seconds for a whole download, redirects included")
+    # LAION's largest images are a few MB; a body past this is dropped as too_large, unread.
+    max_bytes: int = Field(default=32 << 20, ge=1, description="bytes per image")
+    retries: int = Field(default=2, ge=0, description="retries of transient failures (timeouts, resets, 429, 5xx)")
+    backoff_seconds: float = Field(default=1.0, gt=0, description="first backoff; doubles, with full jitter")
+    max_retry_after: float = Field(default=10.0, ge=0, description="longest Retry-After waited for; longer gives up")
+    # Non-public address classes the crawl may connect to. The URL list is untrusted: the default refuses
+    # loopback, private, link-local (cloud metadata), unique-local, shared, multicast and reserved addresses.
+    allow_private_networks: list[Literal["loopback", "private", "link_local", "unique_local", "shared",
+                                         "multicast", "reserved"]] = Field(default_factory=list)
+    recrawl_transient: bool = Field(default=True, description="a resumed run re-crawls rows whose last failure "
+                                                              "was transient")
     processes: int = Field(default=2, ge=1)
     threads: int = Field(default=32, ge=1)
     shard_size: int = Field(default=1000, ge=1, description="URLs per img2dataset shard")
@@ -157,8 +169,15 @@ class GenerateConfig(_Section):
 class PublishConfig(_Section):
     validation_fraction: float = Field(default=0.05, ge=0.0, lt=1.0, description="images (with all their records)")
     push_to_hub: bool = False
-    hub_repo: str | None = None
-    token_env: str = "HF_TOKEN"
+    hub_repo: str | None = Field(default=None, validate_default=True, description="e.g. my-org/my-dataset")
+    token_env: str = Field(default="HF_TOKEN", description="NAME of the env var holding the token (never the token)")
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _repo_when_pushing(cls, repo: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("push_to_hub") and not repo:  # known before crawling, not after the whole run
+            raise ValueError("publish.push_to_hub needs publish.hub_repo (e.g. my-org/my-dataset)")
+        return repo
 
 
 class EvaluateConfig(_Section):
@@ -200,7 +219,7 @@ class ProofConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    name: str = Field(default="sample", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(default="sample", pattern=r"^[A-Za-z0-9._-]+$", description="a directory under output_root")
     output_root: str = "outputs"
     world: WorldConfig = WorldConfig()
     crawl: CrawlConfig = CrawlConfig()
@@ -216,6 +235,14 @@ class PipelineConfig(_Section):
     proof: ProofConfig = ProofConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside_output_root(cls, name: str) -> str:
+        if name in (".", ".."):  # the pattern admits them, and they would write into or above output_root
+            raise ValueError(f"name {name!r} is not a directory of its own under output_root; use a plain name "
+                             f"such as 'sample'")
+        return name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -238,7 +265,11 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"Override {assignment!r}: {part!r} is a value, not a section.")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise UserError(f"Override {assignment!r}: the value is not valid YAML ({yaml_problem(err)}); "
+                        f"close its brackets or quote it.") from None
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -247,7 +278,16 @@ def describe_validation_error(err: ValidationError) -> str:
     extra = f" ({len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"Unknown config field {where!r}; check the spelling against configs/sample.yaml{extra}."
+    if first["type"] == "value_error":  # our validators' own words, without pydantic's "Value error, "
+        return f"Bad config value {where}={first.get('input')!r}: {first['ctx']['error']}{extra}."
     return f"Bad config value {where}={first.get('input')!r}: {first['msg']}{extra}."
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, on one line ('expected ... at line 1, column 4')."""
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def read_yaml(path: str | Path, example: str = "configs/sample.yaml") -> dict[str, Any]:
@@ -256,9 +296,14 @@ def read_yaml(path: str | Path, example: str = "configs/sample.yaml") -> dict[st
     if not path.is_file():
         raise UserError(f"Config file {path} does not exist; pass --config with a YAML file such as {example}.")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"Config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start}); save it as UTF-8 YAML.") from None
+    except OSError as err:
+        raise UserError(f"Config file {path} cannot be read ({err.strerror or err}).") from None
     except yaml.YAMLError as err:
-        raise UserError(f"Config file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
+        raise UserError(f"Config file {path} is not valid YAML ({yaml_problem(err)}).") from None
     if not isinstance(tree, dict):
         raise UserError(f"Config file {path} must hold a mapping of sections, not {type(tree).__name__}.")
     return tree

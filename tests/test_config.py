@@ -28,7 +28,12 @@ def test_fingerprint_ignores_where_outputs_go_but_not_what_changes_data():
         (["crawl.timeout=-1"], "Bad config value crawl.timeout=-1"),
         (["crawl.timeout=soon"], "Bad config value crawl.timeout='soon'"),
         (["name=has space"], "Bad config value name="),
+        (["name=.."], "name '..' is not a directory of its own under output_root"),
+        (["name=."], "name '.' is not a directory of its own under output_root"),
         (["crawl"], "is not of the form section.field=value"),
+        (["crawl.timeout=[1,"], "the value is not valid YAML (expected the node content"),
+        (["crawl.timeout=!!python/name:os.system"], "the value is not valid YAML"),
+        (["publish.push_to_hub=true"], "publish.push_to_hub needs publish.hub_repo"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
@@ -45,6 +50,21 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("crawl: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 0xe9 at offset 9\); save it as UTF-8 YAML\.$"):
+        load_config(latin1)
+
+
+def test_run_directory_stays_inside_output_root(tmp_path):
+    from pipelines.run import RunDirectory
+
+    config = load_config(SAMPLE, [f"output_root={tmp_path / 'out'}", "name=ok..name"])  # dots inside a name are fine
+    assert RunDirectory.open(config, "ray").final.parent == tmp_path / "out" / "ok..name"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "link").symlink_to(tmp_path)
+    with pytest.raises(UserError, match="outside output_root"):
+        RunDirectory.open(load_config(SAMPLE, [f"output_root={tmp_path / 'out'}", "name=link"]), "ray")
 
 
 def test_version_changes_with_the_clip_weights_bytes(tmp_path):

@@ -1,0 +1,280 @@
+"""Fetching one image URL from an untrusted list: the crawl's downloader, put in img2dataset's place.
+
+URL lists come from strangers and crawls run on cloud machines, so every download here:
+- is normalized the way a browser does (IRI -> percent-encoded URI: `café.jpg`, raw spaces) and
+  only `http`/`https` is fetched (`blocked_scheme`; `file://`, `data:`, `ftp://` are never opened);
+- connects only to addresses that the policy allows, checked on the *resolved* address at connect
+  time, for every redirect hop too, so DNS names and redirects cannot reach loopback, private,
+  link-local (cloud metadata), unique-local, multicast or reserved addresses (`blocked_address`)
+  unless `crawl.allow_private_networks` names that class;
+- has a whole-download deadline (`deadline`) besides the per-read timeout, and a byte limit
+  (`too_large`, from Content-Length before reading or while reading);
+- is retried on transient failures (timeouts, resets, 429, 5xx) with exponential backoff and full
+  jitter, honouring `Retry-After` up to `crawl.max_retry_after`.
+Failures are `<kind>:<detail>` messages that `pipelines.crawl.classify_download_error` keeps as
+`download_error:<kind>:<detail>`; nothing from a refused URL is read, so nothing of it is written.
+
+`pipelines/crawl_workers.py` puts `fetch` in img2dataset's place.
+"""
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import http.client
+import ipaddress
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+from schemas.config import CrawlConfig
+
+# img2dataset's user agent, so sites see the same crawler they see from the plain CLI.
+USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 10  # urllib's and browsers' (20) order of magnitude
+TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+TRANSIENT_KINDS = ("timeout", "deadline", "connection_reset", "connection_refused", "incomplete_body",
+                   *(f"http_{code}" for code in TRANSIENT_STATUS))
+CHUNK = 1 << 16
+ADDRESS_CLASSES = ("loopback", "private", "link_local", "unique_local", "shared", "multicast", "reserved")
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+_UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
+
+
+class FetchError(Exception):
+    """A failed download: `kind` is the reason's class (`blocked_address`, `http_404`, ...)."""
+
+    def __init__(self, kind: str, detail: str = "", retry_after: float | None = None):
+        super().__init__(f"{kind}:{detail}" if detail else kind)
+        self.kind, self.retry_after = kind, retry_after
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    timeout: float  # per connect and per read
+    deadline: float  # the whole download, redirects included
+    max_bytes: int
+    retries: int
+    backoff_seconds: float
+    max_retry_after: float
+    allow: frozenset[str] = field(default_factory=frozenset)  # address classes allowed despite being non-public
+    user_agent: str = USER_AGENT
+    user_agent_token: str | None = None
+    disallowed_header_directives: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_config(cls, config: CrawlConfig) -> "FetchSettings":
+        return cls(config.timeout, config.download_deadline, config.max_bytes, config.retries, config.backoff_seconds,
+                   config.max_retry_after, frozenset(config.allow_private_networks))
+
+
+def address_class(address: str) -> str | None:
+    """None for a public address; else the class that refuses it ('loopback', 'link_local', ...)."""
+    ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 scope id is not part of the address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link_local"  # 169.254.169.254 is the cloud metadata service
+    if ip.is_multicast:
+        return "multicast"
+    if ip in _SHARED:
+        return "shared"
+    if ip.version == 6 and ip in _UNIQUE_LOCAL:
+        return "unique_local"
+    if ip.is_private and ip.version == 4 and any(ip in ipaddress.ip_network(n) for n in
+                                                 ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")):
+        return "private"
+    if not ip.is_global:
+        return "reserved"  # unspecified, documentation, benchmarking, 240/4 ...
+    return None
+
+
+def allowed_addresses(host: str, port: int, allow: frozenset[str]) -> list[tuple]:
+    """getaddrinfo's entries for host whose address the policy allows; FetchError('blocked_address') when none is."""
+    with contextlib.suppress(ValueError):  # an address literal is judged as written, even where its family has no route
+        if (why := address_class(host)) is not None and why not in allow:
+            raise FetchError("blocked_address", _refusal(why, host))
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise FetchError("dns", f"{host}: {err.strerror or err}") from None
+    refused = []
+    allowed = []
+    for info in infos:
+        why = address_class(info[4][0])
+        if why is None or why in allow:
+            allowed.append(info)
+        else:
+            refused.append(_refusal(why, info[4][0]))
+    if not allowed:
+        raise FetchError("blocked_address", refused[0])
+    return allowed
+
+
+def _refusal(why: str, address: str) -> str:
+    return f"{why} {address}" + (" (cloud metadata)" if address == "169.254.169.254" else "")
+
+
+def guarded_connection(allow: frozenset[str], address: tuple[str, int], timeout: float, source_address=None) -> socket.socket:
+    """socket.create_connection that resolves, checks and connects to the checked address (no second lookup)."""
+    host, port = address
+    last: OSError | None = None
+    for family, kind, proto, _, sockaddr in allowed_addresses(host, port, allow):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            sock.close()
+            last = err
+    raise last or OSError(f"no address for {host}")
+
+
+def normalize_url(url: str) -> str:
+    """A browser's reading of a URL as typed: IDNA host, UTF-8 percent-encoded path and query (existing
+    escapes kept), no fragment. FetchError('bad_url' / 'blocked_scheme') for what cannot be fetched."""
+    text = (url or "").strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as err:
+        raise FetchError("bad_url", str(err)) from None
+    scheme = parts.scheme.lower()
+    if not scheme:
+        raise FetchError("bad_url", "no scheme")
+    if scheme not in ("http", "https"):
+        raise FetchError("blocked_scheme", scheme)
+    if not parts.hostname:
+        raise FetchError("bad_url", "no host")
+    try:
+        host = parts.hostname.encode("idna").decode("ascii") if not parts.hostname.isascii() else parts.hostname
+    except UnicodeError:
+        raise FetchError("bad_url", f"host {parts.hostname!r} is not a valid name") from None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{port}" if port is not None else "")
+    path = quote(parts.path, safe="/%:@!$&'()*+,;=-._~") or "/"
+    query = quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")
+    return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def _request(url: str, settings: FetchSettings, deadline: float) -> tuple[http.client.HTTPResponse, socket.socket]:
+    """One GET on a guarded connection; returns the open response (the caller reads and closes it) and its socket."""
+    parts = urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    port = parts.port or (443 if parts.scheme == "https" else 80)  # explicit: http.client misreads a bare IPv6 host
+    connection = kind(parts.hostname, port, timeout=max(0.01, min(settings.timeout, deadline - time.monotonic())))
+    sockets = []
+
+    def connect(address, timeout, source_address=None):
+        sockets.append(guarded_connection(settings.allow, address, timeout, source_address))
+        return sockets[-1]
+
+    connection._create_connection = connect  # noqa: SLF001 - http.client's hook for opening the socket
+    target = urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    connection.request("GET", target, headers={"User-Agent": settings.user_agent, "Accept": "image/*,*/*;q=0.8",
+                                               "Connection": "close"})
+    return connection.getresponse(), sockets[0]
+
+
+def _read_body(response: http.client.HTTPResponse, sock: socket.socket, settings: FetchSettings, deadline: float) -> bytes:
+    declared = response.getheader("Content-Length")
+    if declared and declared.strip().isdigit() and int(declared) > settings.max_bytes:
+        raise FetchError("too_large", f"Content-Length {declared} over {settings.max_bytes} bytes")
+    chunks, total = [], 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("deadline", f"body not complete after {settings.deadline:g} s ({total} bytes read)")
+        sock.settimeout(min(settings.timeout, remaining))  # each read waits at most this; the loop bounds the total
+        try:  # read1: one recv, so a trickle cannot keep one call busy past the deadline
+            chunk = response.read1(min(CHUNK, settings.max_bytes + 1 - total))
+        except http.client.IncompleteRead:  # a chunked body cut short
+            raise FetchError("incomplete_body", f"{total} bytes of a chunked body") from None
+        if not chunk:
+            if response.length:  # the connection closed before Content-Length bytes came
+                raise FetchError("incomplete_body", f"{total} bytes of {declared}")
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > settings.max_bytes:
+            raise FetchError("too_large", f"body over {settings.max_bytes} bytes")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+def fetch_once(url: str, settings: FetchSettings) -> bytes:
+    """The body of url after redirects, or FetchError with the failure's kind."""
+    deadline = time.monotonic() + settings.deadline
+    current, seen = normalize_url(url), set()
+    for _ in range(MAX_REDIRECTS + 1):
+        seen.add(current)
+        try:
+            response, sock = _request(current, settings, deadline)
+            try:
+                if response.status in REDIRECTS and response.getheader("Location"):
+                    target = normalize_url(urljoin(current, response.getheader("Location")))
+                    if target in seen:
+                        raise FetchError("redirect_loop", f"{response.status} back to {target}")
+                    current = target
+                    continue
+                if response.status != 200:
+                    raise FetchError(f"http_{response.status}", response.reason or "",
+                                     _retry_after(response.getheader("Retry-After")))
+                if settings.disallowed_header_directives and _disallowed(response, settings):
+                    raise FetchError("disallowed", "X-Robots-Tag forbids use")
+                return _read_body(response, sock, settings, deadline)
+            finally:
+                response.close()
+        except FetchError:
+            raise
+        except (TimeoutError, socket.timeout):
+            kind = "deadline" if time.monotonic() >= deadline else "timeout"
+            raise FetchError(kind, f"no answer within {settings.timeout:g} s") from None
+        except ConnectionRefusedError:
+            raise FetchError("connection_refused") from None
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as err:
+            raise FetchError("connection_reset", type(err).__name__) from None
+        except http.client.InvalidURL as err:
+            raise FetchError("bad_url", str(err)) from None
+        except (http.client.HTTPException, OSError) as err:
+            kind = "tls" if "SSL" in type(err).__name__ else "connection"
+            raise FetchError(kind, str(err).splitlines()[0][:200] if str(err) else type(err).__name__) from None
+    raise FetchError("too_many_redirects", f"more than {MAX_REDIRECTS}")
+
+
+def _disallowed(response: http.client.HTTPResponse, settings: FetchSettings) -> bool:
+    from img2dataset.downloader import is_disallowed
+
+    return is_disallowed(response.headers, settings.user_agent_token, settings.disallowed_header_directives)
+
+
+def fetch(url: str, settings: FetchSettings, sleep=time.sleep) -> bytes:
+    """fetch_once with retries of transient failures: Retry-After when given (up to the cap), else backoff."""
+    for attempt in range(settings.retries + 1):
+        try:
+            return fetch_once(url, settings)
+        except FetchError as err:
+            if err.kind not in TRANSIENT_KINDS or attempt == settings.retries:
+                raise
+            if err.retry_after is not None and err.retry_after > settings.max_retry_after:
+                raise FetchError(err.kind, f"Retry-After {err.retry_after:g} s is over crawl.max_retry_after") from None
+            wait = err.retry_after if err.retry_after is not None else \
+                random.uniform(0, settings.backoff_seconds * 2 ** attempt)
+            sleep(wait)
+    raise AssertionError("unreachable")

@@ -2,10 +2,10 @@
 
 `dies_with_parent()` is a Popen `preexec_fn`: on Linux the child asks the kernel for SIGTERM when its
 parent dies (prctl PR_SET_PDEATHSIG), so a `kill -9` of the pipeline does not leave the embedded
-llama.cpp server holding its port and two cores; `follow_parent()` does the same from inside a
-multiprocessing worker (img2dataset's crawl pool). Daemons that outlive their starter by design (a
-`ray start --head`) are tracked with `OwnerLock` instead: a file naming the owner's PID, which the next
-run finds and, when that owner is dead, cleans up after.
+llama.cpp server holding its port and two cores; `follow_parent()` makes a multiprocessing worker
+(img2dataset's crawl pool and stats printer) exit once its parent is gone. Daemons that outlive their
+starter by design (a `ray start --head`) are tracked with `OwnerLock` instead: a file naming the
+owner's PID, which the next run finds and, when that owner is dead, cleans up after.
 """
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_POLL_SECONDS = 1.0
+_FOLLOWING = False
 
 
 def dies_with_parent():
@@ -36,16 +40,25 @@ def dies_with_parent():
 
 
 def follow_parent() -> None:
-    """Called inside a multiprocessing (spawn) worker: the worker gets SIGTERM when its parent dies. A pool
-    worker otherwise outlives a killed parent (it holds its own queue's write end, so it never sees EOF)."""
+    """Called inside a multiprocessing (spawn) worker: the worker exits when its parent process is gone. A pool
+    worker otherwise outlives a killed parent (it holds its own queue's write end, so it never sees EOF).
+    A watcher thread, not PR_SET_PDEATHSIG: Pool starts replacement workers from its handler thread, and the
+    kernel signals a child when the *thread* that forked it ends, which would kill a worker holding the
+    pool's queue lock and hang Pool.terminate()."""
+    global _FOLLOWING
     import multiprocessing
 
     parent = multiprocessing.parent_process()
-    if parent is None or not sys.platform.startswith("linux"):
-        return  # not a multiprocessing child (a Ray worker: Ray reaps it), or no parent-death signal here
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent.pid:
-        os._exit(1)
+    if parent is None or _FOLLOWING:
+        return  # not a multiprocessing child (a Ray worker: Ray reaps it), or watched already
+    _FOLLOWING = True
+
+    def watch() -> None:
+        while os.getppid() == parent.pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)  # reparented: the parent died without stopping us
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
 
 
 def pid_alive(pid: int) -> bool:

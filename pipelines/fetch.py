@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import heapq
 import http.client
 import ipaddress
 import random
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
@@ -165,7 +167,46 @@ def normalize_url(url: str) -> str:
     return urlunsplit((scheme, netloc, path, query, ""))
 
 
-def _request(url: str, settings: FetchSettings, deadline: float) -> tuple[http.client.HTTPResponse, socket.socket]:
+class _Watchdog:
+    """One thread per process that shuts down the socket of a download still running at its deadline. Timeouts
+    bound each recv only: a server sending a byte every second (headers included) never trips them."""
+
+    def __init__(self):
+        self.lock, self.wake = threading.Lock(), threading.Event()
+        self.heap: list[list] = []  # [deadline, sequence, socket, active]
+        self.sequence, self.thread = 0, None
+
+    def watch(self, sock: socket.socket, deadline: float) -> list:
+        with self.lock:
+            self.sequence += 1
+            entry = [deadline, self.sequence, sock, True]
+            heapq.heappush(self.heap, entry)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="download-deadlines", daemon=True)
+                self.thread.start()
+            earliest = self.heap[0] is entry
+        if earliest:  # the thread sleeps until the earliest deadline; only a new earliest one needs to wake it
+            self.wake.set()
+        return entry
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                while self.heap and self.heap[0][0] <= now:
+                    _, _, sock, active = heapq.heappop(self.heap)
+                    if active:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns; fetch_once says "deadline"
+                wait = self.heap[0][0] - now if self.heap else None
+            self.wake.wait(wait)
+            self.wake.clear()
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _request(url: str, settings: FetchSettings, deadline: float, watched: list) -> tuple[http.client.HTTPResponse, socket.socket]:
     """One GET on a guarded connection; returns the open response (the caller reads and closes it) and its socket."""
     parts = urlsplit(url)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -175,6 +216,7 @@ def _request(url: str, settings: FetchSettings, deadline: float) -> tuple[http.c
 
     def connect(address, timeout, source_address=None):
         sockets.append(guarded_connection(settings.allow, address, timeout, source_address))
+        watched.append(_WATCHDOG.watch(sockets[-1], deadline))
         return sockets[-1]
 
     connection._create_connection = connect  # noqa: SLF001 - http.client's hook for opening the socket
@@ -221,11 +263,24 @@ def _retry_after(value: str | None) -> float | None:
 def fetch_once(url: str, settings: FetchSettings) -> bytes:
     """The body of url after redirects, or FetchError with the failure's kind."""
     deadline = time.monotonic() + settings.deadline
-    current, seen = normalize_url(url), set()
+    watched: list[list] = []
+    try:
+        return _follow(normalize_url(url), settings, deadline, watched)
+    except FetchError as err:
+        if time.monotonic() >= deadline and err.kind in ("timeout", "connection_reset", "incomplete_body", "connection"):
+            raise FetchError("deadline", f"not complete after {settings.deadline:g} s") from None
+        raise
+    finally:
+        for entry in watched:
+            entry[3] = False  # done: the watchdog leaves this socket alone
+
+
+def _follow(current: str, settings: FetchSettings, deadline: float, watched: list) -> bytes:
+    seen = set()
     for _ in range(MAX_REDIRECTS + 1):
         seen.add(current)
         try:
-            response, sock = _request(current, settings, deadline)
+            response, sock = _request(current, settings, deadline, watched)
             try:
                 if response.status in REDIRECTS and response.getheader("Location"):
                     target = normalize_url(urljoin(current, response.getheader("Location")))

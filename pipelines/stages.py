@@ -22,7 +22,6 @@ from filters.dedup import DuplicateFilter, NearDuplicateIndex
 from filters.grounding import GroundingVerifier
 from filters.validate import ImageValidator
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
-from generators.instructions import InstructionGenerator
 from generators.objects import ObjectFinder
 from schemas.config import PipelineConfig
 from schemas.records import KEEP, ImageRecord, StageResult
@@ -172,6 +171,8 @@ def teacher_cache_dir(config: PipelineConfig) -> str:
 def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
     """The ordered stage list both engines run. Generation needs `config.teacher.base_url` resolved
     (the embedded teacher's address is known once it started)."""
+    from generators.instructions import InstructionGenerator  # imports openai (0.5 s): only where the plan is built
+
     gpus = 1 if config.clip.device != "cpu" and _cuda_available() else 0
     dedup = config.dedup if config.dedup.enabled else None
     plan: list[MapStage | GlobalStage] = [

@@ -56,6 +56,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(302, b"", headers={"Location": unquote(route.removeprefix("/redirect/"))})
         if route == "/trickle.jpg":  # a byte a second, forever (the client must give up)
             return self._trickle()
+        if route == "/trickle-headers.jpg":  # the status line and headers a byte at a time
+            return self._trickle(headers=True)
         if route == "/huge.jpg":  # declares and sends more than the byte limit
             return self._send(200, bytes(self.server.huge_bytes))
         if route == "/huge-undeclared.jpg":  # no Content-Length: the body just keeps coming
@@ -77,8 +79,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, picture(len(route)))
         return self._send(404, b"not found")
 
-    def _trickle(self) -> None:
+    def _trickle(self, headers: bool = False) -> None:
         try:
+            if headers:
+                for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"a" * 1000:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.3)
             self.send_response(200)
             self.send_header("Content-Length", "1000000")
             self.end_headers()

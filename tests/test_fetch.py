@@ -107,6 +107,7 @@ def test_every_hostile_row_ends_as_one_row_with_its_reason_and_nothing_refused_i
             server.url("/redirect/" + quote("http://169.254.169.254/canary.jpg", safe="")): "download_error:blocked_address",
             server.url("/redirect/" + quote("http://10.0.0.1/canary.jpg", safe="")): "download_error:blocked_address",
             server.url("/trickle.jpg"): "download_error:deadline",
+            server.url("/trickle-headers.jpg"): "download_error:deadline",
             server.url("/huge.jpg"): "download_error:too_large",
             server.url("/huge-undeclared.jpg"): "download_error:too_large",
             server.url("/lying-length.jpg"): "download_error:incomplete_body",

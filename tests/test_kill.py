@@ -1,5 +1,6 @@
 """`kill -9` of the pipeline's main process alone: nothing it started stays alive (the embedded llama.cpp
-server, img2dataset's crawl workers and stats printer), and the next run resumes and completes."""
+server, img2dataset's crawl workers and stats printer), and the next run resumes and completes, with
+nothing of the refused URLs in its list anywhere in its outputs."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from tests.conftest import REPO
-from tests.hostile_server import HostileServer
+from tests.hostile_server import CANARY, HostileServer
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -47,9 +49,13 @@ def alive(pid: int) -> bool:
 
 def test_a_killed_run_leaves_nothing_running_and_the_next_run_completes(tmp_path):
     with HostileServer() as server:
-        urls = tmp_path / "urls.csv"  # six images, and one that trickles so the crawl is still busy at the kill
+        secret = tmp_path / "secret.jpg"
+        secret.write_bytes(CANARY * 100)
+        refused = [secret.as_uri(), server.url("/redirect/" + quote("http://169.254.169.254/canary.jpg", safe="")),
+                   server.url("/redirect/" + quote(server.url("/canary.jpg").replace("127.0.0.1", "10.0.0.1"), safe=""))]
+        urls = tmp_path / "urls.csv"  # six images, one that trickles so the crawl is still busy at the kill, refused ones
         urls.write_text("url,caption\n" + "".join(f"{server.url(f'/ok/{i}.jpg')},a photo of a cat\n" for i in range(6))
-                        + f"{server.url('/trickle.jpg')},a photo of a dog\n")
+                        + f"{server.url('/trickle.jpg')},a photo of a dog\n" + "".join(f"{u},a cat\n" for u in refused))
         command = [sys.executable, "pipelines/build_instruct_beam.py", "--config", "configs/sample.yaml",
                    "--set", f"output_root={tmp_path / 'out'}", "--set", f"crawl.url_list={urls}",
                    "--set", "crawl.download_deadline=6", "--set", "crawl.processes=1", "--set", "objects.annotations=[]",
@@ -78,10 +84,14 @@ def test_a_killed_run_leaves_nothing_running_and_the_next_run_completes(tmp_path
     assert second.returncode == 0, second.stderr[-3000:]
     manifest_path, = (tmp_path / "out" / "killed").glob("v-*/manifest.json")
     manifest = json.loads(manifest_path.read_text())
-    assert manifest["counts"]["input_urls"] == 7 and manifest["counts"]["accounted"] is True
+    assert manifest["counts"]["input_urls"] == 10 and manifest["counts"]["accounted"] is True
     reasons = manifest["counts"]["stages"]["crawl"]["reasons"]
-    assert reasons == {"download_error:deadline": 1}
+    assert reasons == {"download_error:deadline": 1, "download_error:blocked_scheme": 1,
+                       "download_error:blocked_address": 2}
     assert Path(manifest["shards"]).is_dir()  # names where the shards are, not the renamed .partial directory
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # shards, records, exports, card, logs
+    assert len(written) > 20 and not [p for p in written if CANARY in p.read_bytes()]
+    assert CANARY.decode() not in second.stdout + second.stderr
 
 
 def test_a_ray_head_left_by_a_killed_demo_is_stopped_by_the_next_start(capsys):

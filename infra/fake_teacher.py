@@ -17,8 +17,10 @@ import hashlib
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from infra.local_server import LocalServer
 
 
 def schema_instance(schema: dict[str, Any], defs: dict[str, Any] | None = None, seed: str = "") -> Any:
@@ -56,7 +58,6 @@ def schema_instance(schema: dict[str, Any], defs: dict[str, Any] | None = None, 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
 
     def log_message(self, *args) -> None:
         pass
@@ -67,7 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        fake = self.server.fake
+        fake = self.server.owner
         fake.started()
         try:
             time.sleep(fake.latency)
@@ -95,24 +96,17 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # a burst of hundreds of connections must not be refused
-    fake: "FakeTeacher"
-
-
-class FakeTeacher:
-    """The server, its counters (requests, in_flight, peak_in_flight), started and stopped as a context."""
+class FakeTeacher(LocalServer):
+    """The server and its counters (requests, in_flight, peak_in_flight), started and stopped as a context."""
 
     def __init__(self, latency: float = 0.5, port: int = 0):
         self.latency, self.lock = latency, threading.Lock()
         self.requests = self.in_flight = self.peak_in_flight = 0
-        self.server = _Server(("127.0.0.1", port), _Handler)
-        self.server.fake = self
+        super().__init__(_Handler, port=port, name="fake-teacher")
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return self.origin + "/v1"
 
     def started(self) -> None:
         with self.lock:
@@ -123,14 +117,6 @@ class FakeTeacher:
     def finished(self) -> None:
         with self.lock:
             self.in_flight -= 1
-
-    def __enter__(self) -> "FakeTeacher":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def main() -> None:

@@ -15,13 +15,15 @@ import random
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlparse
+
+from infra.local_server import LocalServer
 
 FAULTS = ("http_429", "http_500", "slow", "malformed")
 
 
-class FaultProxy:
+class FaultProxy(LocalServer):
     def __init__(self, upstream: str, fault_rate: float = 0.0, slow_seconds: float = 5.0, seed: int = 0,
                  port: int = 0, retry_after: float = 1.0):
         parsed = urlparse(upstream)
@@ -29,13 +31,11 @@ class FaultProxy:
         self.fault_rate, self.slow_seconds, self.retry_after = fault_rate, slow_seconds, retry_after
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.requests_seen, self.forwarded, self.faults = 0, 0, Counter()
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(self._handler(), port=port, name="fault-proxy")
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return self.origin + "/v1"
 
     def _pick(self, path: str) -> str | None:
         with self.lock:
@@ -99,14 +99,6 @@ class FaultProxy:
                 self._serve("POST")
 
         return Handler
-
-    def __enter__(self) -> "FaultProxy":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def main() -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import mimetypes
-import threading
 import time
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from infra.local_server import LocalServer
 
 HTML_PAGE = b"<!doctype html><html><head><title>Not found</title></head><body><h1>Oops</h1></body></html>"
 
@@ -71,31 +72,16 @@ class WorldRequestHandler(BaseHTTPRequestHandler):
             pass
 
 
-class _ThreadingServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # img2dataset opens dozens of connections at once
-
-
-class WorldServer:
-    """A threaded HTTP server in a background thread; a context manager that stops it on exit."""
+class WorldServer(LocalServer):
+    """The world's files and faults over HTTP, in a background thread; a context manager that stops it on exit."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0, slow_seconds: float = 6.0):
-        handler = partial(WorldRequestHandler, root=Path(root).resolve(), slow_seconds=slow_seconds)
-        self.httpd = _ThreadingServer((host, port), handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="world-server", daemon=True)
+        super().__init__(partial(WorldRequestHandler, root=Path(root).resolve(), slow_seconds=slow_seconds),
+                         host, port, name="world-server")
 
     @property
     def base_url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "WorldServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return self.origin
 
 
 def main() -> None:

@@ -8,13 +8,14 @@ trickling and oversized bodies, lying headers, non-ASCII paths, rate limits, rot
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 from PIL import Image
+
+from infra.local_server import LocalServer
 
 CANARY = b"VISINSTRUCT-CANARY-7f3a9c"  # bytes that must never reach a shard, record, log or export
 
@@ -37,13 +38,12 @@ def picture(seed: int, size: tuple[int, int] = (96, 64), exif_orientation: int |
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
 
     def log_message(self, *args) -> None:
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.server.requests[self.path].append(time.monotonic())
+        self.server.owner.requests[self.path].append(time.monotonic())
         route = self.path.split("?")[0]
         if route.startswith("/ok/") or route in ("/case/caf%C3%A9.jpg", "/with%20space.jpg"):
             return self._send(200, picture(len(route)))
@@ -59,9 +59,9 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "/trickle-headers.jpg":  # the status line and headers a byte at a time
             return self._trickle(headers=True)
         if route == "/huge.jpg":  # declares and sends more than the byte limit
-            return self._send(200, bytes(self.server.huge_bytes))
+            return self._send(200, bytes(self.server.owner.huge_bytes))
         if route == "/huge-undeclared.jpg":  # no Content-Length: the body just keeps coming
-            return self._send(200, bytes(self.server.huge_bytes), declare_length=False)
+            return self._send(200, bytes(self.server.owner.huge_bytes), declare_length=False)
         if route == "/lying-length.jpg":  # declares 10,000 bytes, sends 100 and hangs up
             self.send_response(200)
             self.send_header("Content-Length", "10000")
@@ -70,11 +70,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         if route == "/rate-limited.jpg":  # 429 + Retry-After: 1 on the first request, the image after
-            if len(self.server.requests[self.path]) == 1:
+            if len(self.server.owner.requests[self.path]) == 1:
                 return self._send(429, b"slow down", headers={"Retry-After": "1"})
             return self._send(200, picture(429))
         if route.startswith("/flaky/"):  # 503 until the test declares the server recovered
-            if not self.server.recovered:
+            if not self.server.owner.recovered:
                 return self._send(503, b"busy")
             return self._send(200, picture(len(route)))
         return self._send(404, b"not found")
@@ -112,33 +112,15 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    requests: dict[str, list[float]]
-    huge_bytes: int
-    recovered: bool = False
-
-
-class HostileServer:
+class HostileServer(LocalServer):
     def __init__(self, huge_bytes: int = 4 << 20):
-        self.server = _Server(("127.0.0.1", 0), _Handler)
-        self.server.requests, self.server.huge_bytes = defaultdict(list), huge_bytes
+        self.requests: dict[str, list[float]] = defaultdict(list)  # path -> the times it was asked for
+        self.huge_bytes, self.recovered = huge_bytes, False
+        super().__init__(_Handler, name="hostile-server")
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        return self.origin + path
 
     def recover(self) -> None:
         """From now on /flaky/ URLs answer with an image."""
-        self.server.recovered = True
-
-    @property
-    def requests(self) -> dict[str, list[float]]:
-        return self.server.requests
-
-    def __enter__(self) -> "HostileServer":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.recovered = True

@@ -15,8 +15,7 @@ from __future__ import annotations
 import io
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +27,7 @@ from generators.absent_objects import AbsentObjectSampler
 from generators.instructions import InstructionGenerator
 from generators.objects import ObjectFinder
 from generators.prompts import task_messages
+from infra.local_server import LocalServer
 from pipelines.publish import publish_dataset
 from pipelines.stages import fit_probes, records_to_table
 from schemas.config import ClipConfig, GenerateConfig, ObjectsConfig, PipelineConfig, TeacherConfig, ValidateConfig
@@ -44,25 +44,16 @@ IMAGES = {
 }
 
 
-class CaptionEchoingTeacher:
+class CaptionEchoingTeacher(LocalServer):
     """OpenAI-compatible `/v1/chat/completions` that copies the prompt's caption into every answer (test double)."""
 
     def __init__(self):
         self.prompts: list[str] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
+        super().__init__(self._handler(), name="caption-echoing-teacher")
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> "CaptionEchoingTeacher":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return self.origin + "/v1"
 
     def answer(self, prompt: str) -> dict:
         """The JSON the generator's output model asks for, by the task named in the prompt."""

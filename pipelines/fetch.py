@@ -37,12 +37,16 @@ USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Fi
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10  # urllib's and browsers' (20) order of magnitude
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
-TRANSIENT_KINDS = ("timeout", "deadline", "connection_reset", "connection_refused", "incomplete_body",
-                   *(f"http_{code}" for code in TRANSIENT_STATUS))
+# Retried within the crawl (crawl.retries), with backoff: failures a second try soon may not meet.
+RETRIED_KINDS = ("timeout", "connection_reset", "connection_refused", "incomplete_body",
+                 *(f"http_{code}" for code in TRANSIENT_STATUS))
+# Re-crawled when a run resumes (crawl.recrawl_transient): those, and a download that ran out of time,
+# which a slow server may finish later but a retry a second later would only repeat.
+TRANSIENT_KINDS = (*RETRIED_KINDS, "deadline")
 CHUNK = 1 << 16
-ADDRESS_CLASSES = ("loopback", "private", "link_local", "unique_local", "shared", "multicast", "reserved")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
 _UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
+_PRIVATE_V4 = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))  # RFC 1918
 
 
 class FetchError(Exception):
@@ -87,8 +91,7 @@ def address_class(address: str) -> str | None:
         return "shared"
     if ip.version == 6 and ip in _UNIQUE_LOCAL:
         return "unique_local"
-    if ip.is_private and ip.version == 4 and any(ip in ipaddress.ip_network(n) for n in
-                                                 ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")):
+    if ip.version == 4 and any(ip in network for network in _PRIVATE_V4):
         return "private"
     if not ip.is_global:
         return "reserved"  # unspecified, documentation, benchmarking, 240/4 ...
@@ -325,7 +328,7 @@ def fetch(url: str, settings: FetchSettings, sleep=time.sleep) -> bytes:
         try:
             return fetch_once(url, settings)
         except FetchError as err:
-            if err.kind not in TRANSIENT_KINDS or attempt == settings.retries:
+            if err.kind not in RETRIED_KINDS or attempt == settings.retries:
                 raise
             if err.retry_after is not None and err.retry_after > settings.max_retry_after:
                 raise FetchError(err.kind, f"Retry-After {err.retry_after:g} s is over crawl.max_retry_after") from None

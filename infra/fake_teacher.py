@@ -1,6 +1,6 @@
 """A stand-in for a served model (vLLM, OpenAI) for tests and benchmarks: an OpenAI-compatible chat server
-on 127.0.0.1 that answers every request with a valid instance of the request's JSON schema after a fixed
-latency, with no limit on concurrent requests, and counts requests and the peak number in flight.
+on 127.0.0.1 that answers every request with a valid instance of the request's JSON schema (or what an
+`answer` function says) after a fixed latency, with no limit on concurrent requests, and counts requests and the peak number in flight.
 
     python -m infra.fake_teacher --latency 0.5 --port 8790     # serve until Ctrl-C
 
@@ -18,7 +18,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, Callable
 
 from infra.local_server import LocalServer
 
@@ -56,6 +56,13 @@ def schema_instance(schema: dict[str, Any], defs: dict[str, Any] | None = None, 
     return None
 
 
+def schema_answer(request: dict, seed: str) -> Any:
+    """A valid instance of the schema in the request's response_format (json_schema or llama.cpp's json_object)."""
+    fmt = request.get("response_format") or {}
+    schema = fmt.get("schema") or fmt.get("json_schema", {}).get("schema") or {"type": "object"}
+    return schema_instance(schema, seed=seed)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -72,10 +79,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake.started()
         try:
             time.sleep(fake.latency)
-            fmt = request.get("response_format") or {}
-            schema = fmt.get("schema") or fmt.get("json_schema", {}).get("schema") or {"type": "object"}
             seed = hashlib.sha1(json.dumps(request, sort_keys=True).encode()).hexdigest()
-            content = json.dumps(schema_instance(schema, seed=seed))
+            content = json.dumps(fake.answer(request, seed))
             self._send(200, {"id": f"chatcmpl-{seed[:12]}", "object": "chat.completion", "created": 0,
                              "model": request.get("model", "fake-teacher"),
                              "choices": [{"index": 0, "finish_reason": "stop",
@@ -99,8 +104,10 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeTeacher(LocalServer):
     """The server and its counters (requests, in_flight, peak_in_flight), started and stopped as a context."""
 
-    def __init__(self, latency: float = 0.5, port: int = 0):
+    def __init__(self, latency: float = 0.5, port: int = 0, answer: Callable[[dict, str], Any] | None = None):
+        """`answer(request, seed)`: the JSON-able answer to a chat request; default a valid instance of its schema."""
         self.latency, self.lock = latency, threading.Lock()
+        self.answer = answer or schema_answer
         self.requests = self.in_flight = self.peak_in_flight = 0
         super().__init__(_Handler, port=port, name="fake-teacher")
 

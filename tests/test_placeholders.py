@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import re
-from http.server import BaseHTTPRequestHandler
 
 import pyarrow.parquet as pq
 import pytest
@@ -27,7 +26,7 @@ from generators.absent_objects import AbsentObjectSampler
 from generators.instructions import InstructionGenerator
 from generators.objects import ObjectFinder
 from generators.prompts import task_messages
-from infra.local_server import LocalServer
+from infra.fake_teacher import FakeTeacher
 from pipelines.publish import publish_dataset
 from pipelines.stages import fit_probes, records_to_table
 from schemas.config import ClipConfig, GenerateConfig, ObjectsConfig, PipelineConfig, TeacherConfig, ValidateConfig
@@ -44,18 +43,14 @@ IMAGES = {
 }
 
 
-class CaptionEchoingTeacher(LocalServer):
+class CaptionEchoingTeacher(FakeTeacher):
     """OpenAI-compatible `/v1/chat/completions` that copies the prompt's caption into every answer (test double)."""
 
     def __init__(self):
         self.prompts: list[str] = []
-        super().__init__(self._handler(), name="caption-echoing-teacher")
+        super().__init__(latency=0.0, answer=lambda request, seed: self.reply(request["messages"][-1]["content"]))
 
-    @property
-    def base_url(self) -> str:
-        return self.origin + "/v1"
-
-    def answer(self, prompt: str) -> dict:
+    def reply(self, prompt: str) -> dict:
         """The JSON the generator's output model asks for, by the task named in the prompt."""
         self.prompts.append(prompt)
         caption = json.loads(re.search(r"^Caption: (.*)$", prompt, re.MULTILINE).group(1))
@@ -70,30 +65,6 @@ class CaptionEchoingTeacher(LocalServer):
             return {"question": f"Why is this in the {IMAGE_TOKEN}?", "answer": echo}
         numbered = re.findall(r"^\d+\. (.*)$", prompt.split("Task (rephrase)")[1], re.MULTILINE)
         return {"answers": [f"{answer} {IMAGE_TOKEN}" for answer in numbered]}
-
-    def _handler(self):
-        teacher = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802 - http.server's name
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = json.dumps(teacher.answer(request["messages"][-1]["content"]))
-                body = json.dumps({"id": "echo", "object": "chat.completion", "created": 0, "model": request["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": content}}],
-                                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        return Handler
 
 
 def jpeg(color: tuple[int, int, int]) -> bytes:

@@ -31,7 +31,7 @@ from pipelines.dataset_card import write_dataset_card
 from pipelines.cli import disk_full_error, disk_full_is_user_error, no_space_sentence
 from pipelines.publish import publish_dataset, push_record, push_version
 from pipelines.stages import stage_plan
-from pipelines.url_list import file_sha256, prepare_url_list
+from pipelines.url_list import file_sha256, read_url_list, warn_unreachable_hosts, with_uids, write_url_list
 from schemas.config import PipelineConfig, save_config
 from schemas.errors import UserError
 from schemas.records import reason_kind
@@ -152,18 +152,19 @@ class RunDirectory:
         return self.work / "shards"
 
     def prepare(self, probe_hosts: bool = True) -> int:
-        """Checks the annotation files and the URL list (and that its hosts answer, before anything is crawled),
-        creates the work directory with the resolved config and the uid'ed URL list; returns the row count."""
+        """Checks the URL list, the CLIP weights, the annotation files and then (over the network) that the
+        list's hosts answer, all before anything is written or crawled; then creates the work directory with the
+        resolved config and the uid'ed URL list; returns the row count."""
+        crawl = self.config.crawl
+        table = with_uids(read_url_list(crawl.url_list))  # the job's input is reported first
         resolve_weights(self.config.clip)  # a bad model name or checkpoint fails here, not inside a worker
         check_annotations(self.config.objects.annotations + self.config.evaluate.ground_truth)
+        warn_unreachable_hosts(table, crawl.preflight_hosts if probe_hosts else 0, frozenset(crawl.allow_private_networks))
         self.work.mkdir(parents=True, exist_ok=True)
         for derived in ("records", "dropped"):  # a resumed run rewrites these whole; only shards are reused
             shutil.rmtree(self.work / derived, ignore_errors=True)
         save_config(self.config, self.work / "config.yaml")
-        hosts = self.config.crawl.preflight_hosts if probe_hosts else 0
-        rows = prepare_url_list(self.config.crawl.url_list, self.url_list, hosts, self.config.crawl.shard_size,
-                                frozenset(self.config.crawl.allow_private_networks))
-        return rows
+        return write_url_list(table, self.url_list, crawl.shard_size)
 
     def existing_manifest(self) -> dict | None:
         """The manifest of a finished run of this version, announced; None when there is work to do."""

@@ -106,16 +106,26 @@ def check_hosts_reachable(urls: list[str], max_hosts: int, allow: frozenset[str]
     return unreachable + refused
 
 
+def warn_unreachable_hosts(table: pa.Table, max_hosts: int, allow: frozenset[str] = frozenset()) -> None:
+    """Probes up to `max_hosts` of the list's hosts (none when 0); warns about each that did not answer."""
+    if max_hosts:
+        for host in check_hosts_reachable(table.column("url").to_pylist(), max_hosts, allow):
+            print(f"warning: URL host {host} did not answer or is refused; its rows will be dropped with download errors")
+
+
+def write_url_list(table: pa.Table, destination: Path, shard_size: int) -> int:
+    """Writes the uid'ed copy, one row group per crawl shard; returns the row count."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, destination, row_group_size=shard_size)
+    return table.num_rows
+
+
 def prepare_url_list(source: str | Path, destination: Path, max_hosts: int, shard_size: int,
                      allow: frozenset[str] = frozenset()) -> int:
     """Checks the list, probes its hosts, writes the uid'ed copy (one row group per crawl shard); returns the row count."""
     table = with_uids(read_url_list(source))
-    if max_hosts:
-        for host in check_hosts_reachable(table.column("url").to_pylist(), max_hosts, allow):
-            print(f"warning: URL host {host} did not answer or is refused; its rows will be dropped with download errors")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, destination, row_group_size=shard_size)
-    return table.num_rows
+    warn_unreachable_hosts(table, max_hosts, allow)
+    return write_url_list(table, destination, shard_size)
 
 
 def shard_count_for(num_rows: int, shard_size: int) -> int:

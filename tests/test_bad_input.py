@@ -25,9 +25,12 @@ RAY_JOB, BEAM_JOB = "pipelines/build_instruct.py", "pipelines/build_instruct_bea
 
 def run_job(tmp_path, *overrides: str, entry: str = RAY_JOB,
             config: str = "configs/sample.yaml") -> subprocess.CompletedProcess:
-    """The real entry point as a subprocess (the Beam one needs no Ray head and imports faster)."""
-    command = [sys.executable, entry, "--config", config,
-               "--set", f"output_root={tmp_path / 'out'}", *[a for o in overrides for a in ("--set", o)]]
+    """The real entry point as a subprocess (the Beam one needs no Ray head and imports faster). A URL list of
+    our own and no annotation files come first, so that no test depends on a rendered sample world (a clean
+    clone has none); a test's own overrides come later and win."""
+    world_free = [f"crawl.url_list={url_list(tmp_path)}", "objects.annotations=[]"]
+    command = [sys.executable, entry, "--config", config, "--set", f"output_root={tmp_path / 'out'}",
+               *[a for o in world_free + list(overrides) for a in ("--set", o)]]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
@@ -36,9 +39,11 @@ def run_beam(tmp_path, *overrides: str, config: str = "configs/sample.yaml") -> 
 
 
 def url_list(tmp_path) -> Path:
-    """A one-row URL list of our own, so the test does not depend on a rendered sample world."""
-    path = tmp_path / "urls.parquet"
-    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{free_port()}/a.jpg"], "caption": ["a cat"]}), path)
+    """A one-row URL list of our own, so the test does not depend on a rendered sample world (a name no test
+    writes its own list to)."""
+    path = tmp_path / "own-urls.parquet"
+    if not path.exists():  # written once: its bytes name the run's version directory
+        pq.write_table(pa.table({"url": [f"http://127.0.0.1:{free_port()}/a.jpg"], "caption": ["a cat"]}), path)
     return path
 
 
@@ -82,7 +87,8 @@ def test_empty_file_and_missing_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(UserError, match="cannot be read"):
         read_url_list(empty)
-    assert_one_sentence_failure(run_job(tmp_path, f"crawl.url_list={tmp_path / 'missing.parquet'}"), "does not exist", tmp_path)
+    assert_one_sentence_failure(run_job(tmp_path, f"crawl.url_list={tmp_path / 'missing.parquet'}"),
+                                 "does not exist; set crawl.url_list", tmp_path)
 
 
 def test_bad_config_value(tmp_path):
@@ -225,7 +231,8 @@ def test_full_disk_during_the_run_names_the_run_directory(tmp_path, monkeypatch)
     from schemas.config import load_config
 
     monkeypatch.chdir(REPO)  # the CLIP weights' paths in the config are relative to the repo, as in the subprocess
-    overrides = [f"crawl.url_list={url_list(tmp_path)}", "objects.annotations=[]"]
+    # Nothing serves the list's host, so the host probe (a check, run before anything is written) is off.
+    overrides = [f"crawl.url_list={url_list(tmp_path)}", "objects.annotations=[]", "crawl.preflight_hosts=0"]
     run = RunDirectory.open(load_config("configs/sample.yaml", [f"output_root={tmp_path / 'out'}", *overrides]), "beam")
     run.work.mkdir(parents=True)
     (run.work / "config.yaml").symlink_to("/dev/full")

@@ -1,88 +1,243 @@
-"""Teacher throughput: conversations/s against the embedded llama.cpp server at concurrency 1, 4, 16,
-and our client (validation, usage counting, retry loop) against a bare `openai` client at saturation.
+"""Teacher throughput, two parts, each compared as ratios measured in the same run:
 
-    python -m bench.teacher [--requests 12] [--reps 2]
+1. The embedded teacher (llama.cpp, SmolLM2-135M): requests/s and prompt tokens evaluated per request, with
+   every prompt evaluated from scratch and with the shared prefix restored (infra/llama_server.py). Both
+   servers run side by side and take the same requests (mixed task types) in alternating rounds.
+2. The generate stage on Ray (one actor) against the fake served model (infra/fake_teacher.py, its own
+   process, 0.5 s a request, no concurrency limit) at teacher.concurrency 16, 64 and 256: the achieved rate
+   over the ideal one (concurrency / latency), from the server's first request to its last answer; and the
+   client's CPU time per request (TeacherClient alone, in this process, the server in another).
 
-Bare and ours alternate on the same prompts and seeds (so the server writes the same tokens for
-both), so the ratio is measured under the same load. Prints and writes bench/results/teacher.json.
+    python -m bench.teacher [--rounds 3] [--requests 8] [--records 1200]
+
+Prints and writes bench/results/teacher.json. Targets (issue 13): prefix reuse >= 2x requests/s; the stage
+at >= 0.9 of ideal at concurrency 64 and >= 0.8 at 256.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import statistics
+import random
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
+import pyarrow as pa
 
-from generators.prompts import PROMPT_VERSION, Conversation, task_messages
+from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
+from generators.instructions import TEACHER_TYPES
+from generators.prompts import PROMPT_VERSION, rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import TeacherClient, TeacherRequest, response_format
-from infra.embedded_teacher import EmbeddedTeacher
+from generators.vocabulary import COCO_CATEGORIES
+from infra.embedded_teacher import EmbeddedTeacher, free_port
+from infra.local_cluster import LOOPBACK_ONLY_ENV, start_head, stop_head
 from schemas.config import load_config
-from schemas.records import ObjectAnnotation
+from schemas.records import ImageRecord, ObjectAnnotation
 
-OBJECTS = [ObjectAnnotation(category="cup", box=(0.1, 0.5, 0.3, 0.7)),
-           ObjectAnnotation(category="dog", box=(0.6, 0.4, 0.9, 0.8))]
-
-
-def batch(n: int, offset: int) -> list[TeacherRequest]:
-    return [TeacherRequest(task_messages("conversation", f"Photo {offset + i}: a cup and a dog.", OBJECTS),
-                           Conversation, seed=offset + i) for i in range(n)]
+os.environ.update(LOOPBACK_ONLY_ENV)  # read by Ray when first imported: a driver attaching to the loopback head
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sample.yaml"
+LATENCY = 0.5
 
 
-def ours(config, base_url: str, requests: list[TeacherRequest], concurrency: int) -> float:
-    client = TeacherClient(config.model_copy(update={"concurrency": concurrency}), base_url, PROMPT_VERSION)
-    start = time.perf_counter()
-    answers = client.run_all(requests)
-    elapsed = time.perf_counter() - start
-    assert all(isinstance(a, Conversation) for a in answers), answers
-    return len(requests) / elapsed
+# ---- 1. the embedded teacher, from scratch vs shared prefix restored ----
+
+def mixed_requests(n: int, offset: int) -> list[tuple[list[dict], dict]]:
+    """n requests of the pipeline's four kinds, each with its own caption and objects."""
+    rng = random.Random(offset)
+    out = []
+    for i in range(n):
+        objects = [ObjectAnnotation(category=c, box=(0.1, 0.2, 0.5, 0.6)) for c in rng.sample(COCO_CATEGORIES, 2)]
+        caption = f"Photo {offset + i}: a {objects[0].category} next to a {objects[1].category}."
+        kind = ("conversation", "detail", "reasoning", "negatives")[i % 4]
+        if kind == "negatives":
+            out.append((rephrase_messages(caption, objects, [f"No, there is no {rng.choice(COCO_CATEGORIES)}.",
+                                                             f"Yes, there is a {objects[0].category}."]),
+                        response_format("json_object", rephrasings_model(2))))
+        else:
+            out.append((task_messages(kind, caption, objects), response_format("json_object", TEACHER_TYPES[kind])))
+    return out
 
 
-def bare(config, base_url: str, requests: list[TeacherRequest], concurrency: int) -> float:
-    async def go():
-        limit = asyncio.Semaphore(concurrency)
-        async with openai.AsyncOpenAI(base_url=base_url, api_key="none", timeout=config.timeout) as client:
-            async def one(r: TeacherRequest):
-                async with limit:
-                    return await client.chat.completions.create(
-                        model=config.model, messages=r.messages, response_format=response_format("json_object", r.output),
-                        temperature=config.temperature, max_tokens=config.max_tokens, seed=r.seed)
-            return await asyncio.gather(*(one(r) for r in requests))
-    start = time.perf_counter()
-    asyncio.run(go())
-    return len(requests) / (time.perf_counter() - start)
+def serve(base_url: str, model: str, requests: list, max_tokens: int) -> tuple[float, list[str]]:
+    client = openai.OpenAI(base_url=base_url, api_key="none", timeout=600, max_retries=0)
+    start, answers = time.perf_counter(), []
+    for messages, fmt in requests:
+        response = client.chat.completions.create(model=model, messages=messages, response_format=fmt,
+                                                  temperature=0.0, max_tokens=max_tokens, seed=3)
+        answers.append(response.choices[0].message.content)
+    return time.perf_counter() - start, answers
+
+
+def evaluated_tokens(log: Path) -> list[int]:
+    """Prompt tokens evaluated per request, from the prefix-reusing server's log lines."""
+    return [int(line.rsplit(",", 1)[1].split()[0]) for line in log.read_text().splitlines() if line.startswith("prompt: ")]
+
+
+def embedded_part(rounds: int, n: int, workdir: Path) -> dict:
+    config = load_config(CONFIG).teacher
+    logs = {"scratch": workdir / "scratch.log", "reuse": workdir / "reuse.log"}
+    with EmbeddedTeacher(config.model_copy(update={"port": free_port()}), logs["scratch"], prefix_reuse=False) as scratch, \
+            EmbeddedTeacher(config.model_copy(update={"port": free_port()}), logs["reuse"]) as reuse:
+        warm = mixed_requests(4, 99_000)  # both: model paged in; the reusing one sees the prefix twice and saves it
+        serve(scratch, config.model, warm, config.max_tokens)
+        serve(reuse, config.model, warm, config.max_tokens)
+        before = len(evaluated_tokens(logs["reuse"]))
+        seconds = {"scratch": 0.0, "reuse": 0.0}
+        same = True
+        for r in range(rounds):
+            requests = mixed_requests(n, 1000 * r)
+            order = ["scratch", "reuse"] if r % 2 == 0 else ["reuse", "scratch"]  # neither always goes first
+            got = {}
+            for name in order:
+                elapsed, got[name] = serve(scratch if name == "scratch" else reuse, config.model, requests,
+                                           config.max_tokens)
+                seconds[name] += elapsed
+                print(f"round {r} {name}: {n / elapsed:.3f} requests/s", flush=True)
+            same &= got["scratch"] == got["reuse"]
+        reused = evaluated_tokens(logs["reuse"])[before:]
+    total = rounds * n
+    # The scratch server evaluates the whole prompt: its tokens are what the reusing one evaluated plus restored.
+    restored = [int(line.split(" tokens, ")[1].split()[0]) for line in logs["reuse"].read_text().splitlines()
+                if line.startswith("prompt: ")][before:]
+    return {
+        "requests": total, "max_tokens": config.max_tokens,
+        "requests_per_s": {k: round(total / v, 3) for k, v in seconds.items()},
+        "speedup": round(seconds["scratch"] / seconds["reuse"], 3), "target_speedup": 2.0,
+        "prompt_tokens_evaluated_per_request": {
+            "scratch": round(sum(e + r for e, r in zip(reused, restored)) / len(reused), 1),
+            "reuse": round(sum(reused) / len(reused), 1)},
+        "identical_answers": same,
+    }
+
+
+# ---- 2. the generate stage on Ray against the fake served model ----
+
+def stage_input(n: int) -> pa.Table:
+    """n records as the generate stage gets them: caption, objects, and probes from the real probe sampler."""
+    from pipelines.stages import RECORD_SCHEMA, records_to_table
+
+    config = load_config(CONFIG)
+    rng = random.Random(0)
+    records = []
+    for i in range(n):
+        cats = rng.sample(COCO_CATEGORIES, 3)
+        objects = [ObjectAnnotation(category=c, box=(0.1 * j, 0.2, 0.1 * j + 0.3, 0.6)) for j, c in enumerate(cats)]
+        records.append(ImageRecord(uid=f"bench-{i:05d}", url=f"http://example.com/{i}.jpg",
+                                   caption=f"Photo {i}: {', '.join(cats)}.", status="keep",
+                                   objects=json.dumps([o.model_dump() for o in objects])))
+    fitted = {"statistics": fit_object_statistics([[o["category"] for o in json.loads(r.objects)] for r in records]),
+              "selected": None}
+    probed = AbsentObjectSampler(fitted, config.generate, config.objects, config.teacher.seed)(records).kept
+    table = records_to_table([r.model_copy(update={"teacher_selected": True}) for r in probed])
+    assert table.schema.equals(RECORD_SCHEMA)
+    return table
+
+
+class FakeServer:
+    """infra.fake_teacher in its own process (its threads do not share this process's GIL)."""
+
+    def __init__(self, latency: float):
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, "-m", "infra.fake_teacher", "--latency", str(latency),
+                                         "--port", str(self.port)], stdout=subprocess.DEVNULL)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        for _ in range(100):
+            try:
+                self.stats()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the fake teacher did not start")
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.base_url + "/stats", timeout=5) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+def stage_part(records: int, workdir: Path) -> dict:
+    import ray
+
+    from pipelines.build_instruct import apply_on_ray
+    from pipelines.stages import stage_plan
+
+    started = start_head()
+    ray.init(address="auto", ignore_reinit_error=True, log_to_driver=False)
+    table = stage_input(records)
+    out = {}
+    try:
+        for concurrency in (16, 64, 256):
+            server = FakeServer(LATENCY)
+            config = load_config(CONFIG, ["teacher.kind=openai", f"teacher.base_url={server.base_url}",
+                                          "teacher.model=fake-teacher", f"teacher.concurrency={concurrency}",
+                                          f"teacher.cache_dir={workdir / f'cache-{concurrency}'}",
+                                          "objects.annotations=[]"])
+            generate = next(s for s in stage_plan(config) if s.name == "generate")
+            start = time.perf_counter()
+            result = pa.concat_tables(ray.get(apply_on_ray(ray.data.from_arrow(table), generate, config).to_arrow_refs()))
+            wall = time.perf_counter() - start
+            stats = server.stats()
+            server.stop()
+            assert result.num_rows == table.num_rows
+            ideal = stats["requests"] * LATENCY / concurrency
+            out[str(concurrency)] = {"requests": stats["requests"], "peak_in_flight": stats["peak_in_flight"],
+                                     "busy_seconds": round(stats["busy_seconds"], 2), "wall_seconds": round(wall, 2),
+                                     "ideal_seconds": round(ideal, 2),
+                                     "ratio_to_ideal": round(ideal / stats["busy_seconds"], 3)}
+            print(f"stage, concurrency {concurrency}: {out[str(concurrency)]}", flush=True)
+    finally:
+        ray.shutdown()
+        if started:
+            stop_head()
+    return {"latency_s": LATENCY, "records": records, "by_concurrency": out,
+            "targets": {"64": 0.9, "256": 0.8}}
+
+
+def client_cpu_part(n: int = 2000, concurrency: int = 64) -> dict:
+    """TeacherClient's own CPU time per request (validation, counting, retry loop, openai, httpx)."""
+    server = FakeServer(0.05)
+    config = load_config(CONFIG, ["teacher.kind=openai", "teacher.model=fake-teacher",
+                                  f"teacher.concurrency={concurrency}"]).teacher
+    objects = [ObjectAnnotation(category="cup", box=(0.1, 0.5, 0.3, 0.7))]
+    requests = [TeacherRequest(task_messages("conversation", f"Photo {i}.", objects), TEACHER_TYPES["conversation"],
+                               seed=i) for i in range(n)]
+    try:
+        client = TeacherClient(config, server.base_url, PROMPT_VERSION)
+        client.run_all(requests[:50])  # connections opened, imports warm
+        cpu, wall = time.process_time(), time.perf_counter()
+        client.run_all(requests[50:])
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        server.stop()
+    return {"requests": n - 50, "cpu_ms_per_request": round(1000 * cpu / (n - 50), 2),
+            "requests_per_s": round((n - 50) / wall, 1), "concurrency": concurrency}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=12)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=8, help="per round, for the embedded teacher")
+    p.add_argument("--records", type=int, default=1200, help="generate stage input rows (about 2 requests each)")
+    p.add_argument("--skip-embedded", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results/teacher.json"))
     args = p.parse_args()
-    config = load_config("configs/sample.yaml").teacher
-    offset = 0
-    results = {"requests_per_measure": args.requests, "model": config.model, "max_tokens": config.max_tokens}
-    with EmbeddedTeacher(config) as base_url:
-        ours(config, base_url, batch(2, 10_000), 1)  # warm-up: model pages in, system prompt cached
-        sweep = {}
-        for concurrency in (1, 4, 16):
-            offset += args.requests
-            sweep[concurrency] = round(ours(config, base_url, batch(args.requests, offset), concurrency), 3)
-            print(f"ours, concurrency {concurrency:>2}: {sweep[concurrency]} conversations/s", flush=True)
-        pairs = []
-        for rep in range(args.reps):
-            offset += args.requests
-            same = batch(args.requests, offset)  # the same prompts and seeds: the same answers, token for token
-            b = bare(config, base_url, same, 16)
-            o = ours(config, base_url, same, 16)
-            pairs.append({"bare": round(b, 3), "ours": round(o, 3), "ratio": round(o / b, 3)})
-            print(f"rep {rep}: bare {b:.3f}/s  ours {o:.3f}/s  ratio {o / b:.3f}", flush=True)
-    results |= {"loadavg_after": [round(x, 2) for x in os.getloadavg()], "conversations_per_s_by_concurrency": sweep, "saturated_pairs": pairs,
-                "ratio_median": round(statistics.median(p["ratio"] for p in pairs), 3), "target_ratio": 0.9}
+    workdir = Path("outputs/bench_teacher")
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = {"machine": f"{os.cpu_count()} CPUs", "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    if not args.skip_embedded:
+        results["embedded"] = embedded_part(args.rounds, args.requests, workdir)
+        print(json.dumps(results["embedded"], indent=2), flush=True)
+    results["client"] = client_cpu_part()
+    print(json.dumps(results["client"]), flush=True)
+    results["generate_stage"] = stage_part(args.records, workdir)
+    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

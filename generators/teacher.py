@@ -3,7 +3,11 @@
     client = TeacherClient(config.teacher, base_url, prompt_version=PROMPT_VERSION)
     results = client.run_all([TeacherRequest(messages, Conversation, seed=7), ...])
 
-Async with bounded concurrency; retries 429 / 5xx / timeouts / malformed responses with exponential
+One long-lived event loop per client (a background thread) keeps up to `concurrency` requests in flight
+across calls: `submit` from several threads (a Ray actor running batches concurrently) and the pipe never
+drains between batches. The embedded llama.cpp server works on one request at a time, so against it the
+client sends one at a time and queues the rest on our side: a request's timeout then counts from when the
+server starts on it, and a retry never duplicates work the server is still doing. Retries 429 / 5xx / timeouts / malformed responses with exponential
 backoff and full jitter, honouring `Retry-After`; structured output from a pydantic model's JSON
 schema, validated on return and re-asked (with a new seed) a bounded number of times; every call
 cached on disk (`TeacherCache`) and its tokens counted. The API key is read from the environment
@@ -12,9 +16,11 @@ variable the config names and is never logged, cached or returned.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import random
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,7 +92,13 @@ class TeacherClient:
     def __init__(self, config: TeacherConfig, base_url: str, prompt_version: str, cache: TeacherCache | None = None):
         self.config, self.base_url, self.prompt_version, self.cache = config, base_url, prompt_version, cache
         self.format_kind = "json_object" if config.kind == "embedded" else config.response_format
+        self.concurrency = serving_concurrency(config)
         self.usage = TeacherUsage()
+        self._start_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: openai.AsyncOpenAI | None = None
+        self._limit: asyncio.Semaphore | None = None
+        self.in_flight = self.peak_in_flight = 0  # requests being answered now / at most, this client
 
     def _count(self, request: TeacherRequest, name: str, n: int = 1) -> None:
         for usage in (self.usage, request.usage):
@@ -103,22 +115,48 @@ class TeacherClient:
     def _sampling(self, seed: int) -> dict[str, Any]:
         return {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens, "seed": seed}
 
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        """The client's event loop, started on first use in a daemon thread; the HTTP client and the
+        concurrency limit live on it, so requests from every `submit` share one pool and one limit."""
+        with self._start_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="teacher-client", daemon=True).start()
+
+                async def open_client():
+                    self._limit = asyncio.Semaphore(self.concurrency)
+                    self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key(), max_retries=0,
+                                                      timeout=self.config.timeout,
+                                                      http_client=openai.DefaultAsyncHttpxClient(limits=pool_limits(self.concurrency)))
+                asyncio.run_coroutine_threadsafe(open_client(), loop).result()
+                self._loop = loop
+            return self._loop
+
+    def submit(self, requests: list[TeacherRequest]) -> concurrent.futures.Future:
+        """Starts the requests on the client's loop at once; the future's result is `run_all`'s list. Call it
+        from any thread: requests of several calls share the `concurrency` slots."""
+        return asyncio.run_coroutine_threadsafe(self._run_all(requests), self._started_loop())
+
     def run_all(self, requests: list[TeacherRequest]) -> list[BaseModel | TeacherError]:
         """Answers in request order; a request that failed for good comes back as its TeacherError."""
-        return asyncio.run(self._run_all(requests))
+        return self.submit(requests).result()
+
+    def close(self) -> None:
+        """Closes the HTTP client and stops the loop (a client is also fine to drop with its process)."""
+        with self._start_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self._client.close(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
 
     async def _run_all(self, requests: list[TeacherRequest]) -> list[BaseModel | TeacherError]:
-        limit = asyncio.Semaphore(self.config.concurrency)
-        async with openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key(), max_retries=0,
-                                      timeout=self.config.timeout) as client:
-            async def one(request: TeacherRequest):
-                async with limit:
-                    try:
-                        return await self.complete(client, request)
-                    except TeacherError as err:
-                        self._count(request, "failed")
-                        return err
-            return await asyncio.gather(*(one(r) for r in requests))
+        async def one(request: TeacherRequest):
+            try:
+                return await self.complete(self._client, request)
+            except TeacherError as err:
+                self._count(request, "failed")
+                return err
+        return await asyncio.gather(*(one(r) for r in requests))
 
     async def complete(self, client: openai.AsyncOpenAI, request: TeacherRequest) -> BaseModel:
         fmt = response_format(self.format_kind, request.output)
@@ -152,8 +190,14 @@ class TeacherClient:
             wait = None
             self._count(request, "requests")
             try:
-                response = await client.chat.completions.create(
-                    model=self.config.model, messages=request.messages, response_format=fmt, **sampling)
+                async with self._limit:  # the slot is held while the server works, not during backoff
+                    self.in_flight += 1
+                    self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                    try:
+                        response = await client.chat.completions.create(
+                            model=self.config.model, messages=request.messages, response_format=fmt, **sampling)
+                    finally:
+                        self.in_flight -= 1
                 content = response.choices[0].message.content
                 if not isinstance(content, str):
                     raise TypeError("no message content")
@@ -184,13 +228,26 @@ class TeacherClient:
         return random.uniform(0, cap)  # full jitter (AWS architecture blog's recommendation)
 
 
+def serving_concurrency(config: TeacherConfig) -> int:
+    """Requests in flight per client: `teacher.concurrency`, but 1 against the embedded server, which answers
+    one request at a time (more would only wait in its queue with their timeouts running)."""
+    return 1 if config.kind == "embedded" else config.concurrency
+
+
+def pool_limits(concurrency: int):
+    """httpx's pool sized to the concurrency (its default of 100 connections would cap a 256-wide pipe)."""
+    import httpx
+
+    return httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+
 def check_reachable(config: TeacherConfig, base_url: str) -> None:
     """One GET /models before any crawling; an unreachable or refusing teacher is one sentence."""
     import httpx
 
     headers = {"Authorization": f"Bearer {os.environ[config.api_key_env]}"} if os.environ.get(config.api_key_env) else {}
     try:
-        response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=10)
+        response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=30)  # a busy server is slow
     except httpx.HTTPError as err:
         raise UserError(f"The teacher at {base_url} is unreachable ({type(err).__name__}); start the server or "
                         f"set teacher.base_url to a running OpenAI-compatible endpoint.") from None

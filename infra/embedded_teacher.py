@@ -45,8 +45,10 @@ def free_port() -> int:
 class EmbeddedTeacher:
     """Starts the server, waits until `/v1/models` answers, and stops it on exit (also after an error)."""
 
-    def __init__(self, config: TeacherConfig, log_path: Path | None = None, wait_seconds: float = 120):
-        self.config, self.log_path, self.wait_seconds = config, log_path, wait_seconds
+    def __init__(self, config: TeacherConfig, log_path: Path | None = None, wait_seconds: float = 120,
+                 prefix_reuse: bool = True):
+        """`prefix_reuse=False` evaluates every prompt from scratch (the benchmark's and the tests' reference)."""
+        self.config, self.log_path, self.wait_seconds, self.prefix_reuse = config, log_path, wait_seconds, prefix_reuse
         self.port = config.port or free_port()
         self.process: subprocess.Popen | None = None
 
@@ -59,10 +61,13 @@ class EmbeddedTeacher:
             raise UserError("The embedded teacher needs llama-cpp-python; run "
                             "`pip install 'llama-cpp-python[server]==0.3.36'` (make does), or set teacher.kind=openai.")
         # n_ctx 2048 holds our longest prompt (few-shot + facts) plus max_tokens with room to spare.
-        # infra.llama_server is llama_cpp.server answering each request from an empty KV cache (deterministic).
+        # infra.llama_server is llama_cpp.server where an answer depends on its request alone, and shared prompt
+        # prefixes are restored in whole chunks of n_batch tokens (llama.cpp's 512: our prompts share their first
+        # 639 tokens, the system prompt and examples, so 512 of each ~750-token prompt are restored).
         return [sys.executable, "-m", "infra.llama_server", "--model", str(smollm2_gguf()), "--model_alias",
                 self.config.model, "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
-                "--n_threads", str(self.config.threads), "--n_threads_batch", str(self.config.threads)]
+                "--n_threads", str(self.config.threads), "--n_threads_batch", str(self.config.threads),
+                "--prefix_reuse", str(self.prefix_reuse).lower()]
 
     def healthy(self) -> bool:
         try:

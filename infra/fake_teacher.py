@@ -70,6 +70,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.rstrip("/").endswith("/stats"):  # the counters, for a benchmark running the server apart
+            self._send(200, self.server.owner.stats())
+            return
         body = {"object": "list", "data": [{"id": "fake-teacher", "object": "model", "owned_by": "visinstruct"}]}
         self._send(200, body)
 
@@ -109,7 +112,15 @@ class FakeTeacher(LocalServer):
         self.latency, self.lock = latency, threading.Lock()
         self.answer = answer or schema_answer
         self.requests = self.in_flight = self.peak_in_flight = 0
+        self.first_started = self.last_finished = None  # time.monotonic() of the first request in, the last out
         super().__init__(_Handler, port=port, name="fake-teacher")
+
+    def stats(self) -> dict[str, Any]:
+        """The counters; `busy_seconds` spans the first request's arrival to the last answer's departure."""
+        with self.lock:
+            busy = (self.last_finished - self.first_started) if self.last_finished is not None else 0.0
+            return {"requests": self.requests, "in_flight": self.in_flight, "peak_in_flight": self.peak_in_flight,
+                    "busy_seconds": busy}
 
     @property
     def base_url(self) -> str:
@@ -119,11 +130,14 @@ class FakeTeacher(LocalServer):
         with self.lock:
             self.requests += 1
             self.in_flight += 1
+            if self.first_started is None:
+                self.first_started = time.monotonic()
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
     def finished(self) -> None:
         with self.lock:
             self.in_flight -= 1
+            self.last_finished = time.monotonic()
 
 
 def main() -> None:

@@ -1,30 +1,139 @@
-"""llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, same arguments), with every
-request evaluated from an empty KV cache.
+"""llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, same arguments), where an answer is a
+function of its request alone, and the shared prompt prefix (system prompt and few-shot examples) is still
+evaluated once rather than per request.
 
-llama-cpp-python keeps the last request's KV cache and reuses its longest common prefix with the
-next prompt, so what a request computes depends on the requests before it. Identical requests
-(same messages, same seed, temperature 0) were seen to get different answers from one server
-after different histories: `tests/test_teacher.py`'s fault-injected rerun differed from the clean
-run in about one run of three, on the same teacher-cache key. The teacher cache, resumed runs and
-fault-tolerant retries all need an answer to be a function of its request alone, so this launcher
-clears the cache before each request. Prompt evaluation pays for it; generation does not change.
+Why not llama-cpp-python's own reuse: it keeps the last request's KV cache and reuses its longest common
+prefix with the next prompt, so the prompt's remaining tokens are evaluated in chunks that start wherever
+the match ended. Floating-point results depend on how the tokens are chunked, so identical requests (same
+messages, seed, temperature 0) got different answers after different histories (`tests/test_teacher.py`'s
+fault-injected rerun differed from the clean run in about one run of three). The teacher cache, resumed
+runs and fault-tolerant retries all need an answer to depend on its request alone.
+
+What this launcher does instead: a prompt is always evaluated in chunks of `n_batch` tokens counted from
+its first token, exactly as from an empty cache. At every chunk boundary inside the prompt it notes the
+prefix; a prefix seen a second time (it is shared: a task's system prompt and examples) has its KV cache
+saved, and a later prompt that starts with a saved prefix restores it and evaluates only the chunks after
+it. The restored cells hold what evaluating the prefix from scratch holds, in the same cells, and the
+chunks after it are the same chunks, so the answer is the one from an empty cache, bit for bit (a test
+checks, in several orders). `--prefix_reuse false` evaluates every prompt from scratch.
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import sys
+from collections import Counter, OrderedDict
+
 import llama_cpp
+import numpy as np
 from llama_cpp.server.__main__ import main
 
-_generate = llama_cpp.Llama.generate
+_generate, _eval = llama_cpp.Llama.generate, llama_cpp.Llama.eval
+MAX_SAVED_PREFIXES = 8  # a few tasks' shared prefixes (~20 MB of KV cache each for SmolLM2-135M at 768 tokens)
 
 
-def generate_from_empty_cache(self: llama_cpp.Llama, tokens, *args, **kwargs):
-    self.reset()  # no prefix to reuse: the whole prompt is evaluated
-    memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-    if memory is not None:
-        llama_cpp.llama_memory_clear(memory, True)  # every cache cell free again, filled from the first
+def prefix_key(tokens) -> str:
+    return hashlib.sha1(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()
+
+
+class PrefixStates:
+    """Saved KV caches of shared prompt prefixes (at chunk boundaries), least recently used dropped first."""
+
+    def __init__(self, capacity: int = MAX_SAVED_PREFIXES):
+        self.capacity, self.saved, self.seen = capacity, OrderedDict(), Counter()
+        self.restored_tokens = self.evaluated_tokens = 0  # prompt tokens restored vs evaluated (the log shows them)
+
+    def restore(self, llm: llama_cpp.Llama, tokens: list[int]) -> int:
+        """Restores the longest saved prefix of `tokens` that leaves at least one token to evaluate; returns its
+        length (0: the cache is cleared, as for a first request)."""
+        llm.reset()
+        memory = llama_cpp.llama_get_memory(llm._ctx.ctx)
+        if memory is not None:
+            llama_cpp.llama_memory_clear(memory, True)  # every cell free again, filled from the first
+        n = llm.n_batch
+        for end in range((len(tokens) - 1) // n * n, 0, -n):
+            data = self.saved.get(prefix_key(tokens[:end]))
+            if data is None:
+                continue
+            self.saved.move_to_end(prefix_key(tokens[:end]))
+            buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(data), 0) != len(data):
+                llama_cpp.llama_memory_clear(memory, True)
+                return 0
+            llm.input_ids[:end] = tokens[:end]
+            llm.n_tokens = end
+            llm._requires_eval = True  # the logits come from the suffix's evaluation, not from the restore
+            return end
+        return 0
+
+    def passed(self, llm: llama_cpp.Llama, prompt: list[int]) -> None:
+        """Called at each chunk boundary inside the prompt: a prefix seen twice is shared, and is saved."""
+        end = llm.n_tokens
+        key = prefix_key(prompt[:end])
+        self.seen[key] += 1
+        if self.seen[key] >= 2 and key not in self.saved:
+            size = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
+            buffer = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(llm._ctx.ctx, buffer, size, 0)
+            self.saved[key] = bytes(buffer)[:written]
+            while len(self.saved) > self.capacity:
+                self.saved.popitem(last=False)
+
+
+STATES = PrefixStates()
+
+
+def generate_with_shared_prefixes(self: llama_cpp.Llama, tokens, *args, **kwargs):
+    tokens = list(tokens)
+    restored = STATES.restore(self, tokens)
+    STATES.restored_tokens += restored
+    STATES.evaluated_tokens += len(tokens) - restored
+    print(f"prompt: {len(tokens)} tokens, {restored} restored from a shared prefix, {len(tokens) - restored} "
+          f"evaluated", file=sys.stderr, flush=True)
+    self._visinstruct_prompt = tokens  # the eval hook saves shared prefixes of this prompt
     return _generate(self, tokens, *args, **kwargs)
 
 
+def eval_at_chunk_boundaries(self: llama_cpp.Llama, tokens):
+    """The original eval, one chunk at a time, so the state at each chunk boundary inside the prompt can be
+    saved; the chunks are the ones the original eval makes (n_batch tokens from an aligned start)."""
+    prompt = getattr(self, "_visinstruct_prompt", None)
+    n, tokens = self.n_batch, list(tokens)
+    while tokens:
+        take = n - self.n_tokens % n if self.n_tokens % n else n
+        _eval(self, tokens[:take])
+        tokens = tokens[take:]
+        if prompt is not None and self.n_tokens % n == 0 and self.n_tokens < len(prompt) and \
+                prompt[: self.n_tokens] == self.input_ids[: self.n_tokens].tolist():
+            STATES.passed(self, prompt)
+
+
+def from_empty_cache(self: llama_cpp.Llama, tokens, *args, **kwargs):
+    self.reset()
+    memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+    if memory is not None:
+        llama_cpp.llama_memory_clear(memory, True)
+    return _generate(self, tokens, *args, **kwargs)
+
+
+def install(prefix_reuse: bool) -> None:
+    if prefix_reuse:
+        llama_cpp.Llama.generate = generate_with_shared_prefixes
+        llama_cpp.Llama.eval = eval_at_chunk_boundaries
+    else:
+        llama_cpp.Llama.generate = from_empty_cache
+
+
+def take_flag(argv: list[str], name: str, default: bool) -> bool:
+    """Removes `--name true|false` from argv (llama_cpp.server does not know it); returns its value."""
+    if name in argv:
+        i = argv.index(name)
+        value = argv[i + 1].lower() in ("1", "true", "yes")
+        del argv[i:i + 2]
+        return value
+    return default
+
+
 if __name__ == "__main__":
-    llama_cpp.Llama.generate = generate_from_empty_cache
+    install(take_flag(sys.argv, "--prefix_reuse", True))
     main()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import ray
+from ray.data import ActorPoolStrategy, DataContext
+from ray.data.exceptions import ExecutionTimeoutError
 from ray.data.expressions import col
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
@@ -25,6 +27,7 @@ from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, records_to_table, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
+from schemas.errors import UserError  # noqa: E402
 from schemas.records import KEEP  # noqa: E402
 
 
@@ -56,8 +59,13 @@ def apply_on_ray(ds: ray.data.Dataset, stage: MapStage | GlobalStage, config: Pi
         return ds.map_batches(StageBatches(stage.name, partial(stage.apply, fitted)), batch_format="pyarrow")
     batch_size = stage.batch_size or config.validate_.batch_size
     if stage.uses_model:  # an actor pool: each actor loads the model (or opens the client) once
+        calls = stage.concurrent_batches
+        if calls > 1:  # one batch per block: a batch's output leaves when it is done, not with its whole block
+            ds = ds.repartition(target_num_rows_per_block=batch_size)
+        pool = ActorPoolStrategy(size=stage.num_actors, max_tasks_in_flight_per_actor=calls,
+                                 max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1)
         return ds.map_batches(StageBatches, fn_constructor_args=(stage.name, stage.factory), batch_format="pyarrow",
-                              batch_size=batch_size, concurrency=stage.num_actors, num_gpus=stage.num_gpus)
+                              batch_size=batch_size, compute=pool, num_gpus=stage.num_gpus)
     return ds.map_batches(StageBatches(stage.name, stage.factory), batch_format="pyarrow", batch_size=batch_size)
 
 
@@ -75,21 +83,37 @@ def _run(run_dir: RunDirectory) -> dict:
     num_rows = run_dir.prepare()
     num_shards = shard_count_for(num_rows, config.crawl.shard_size)
     ray.init(address=config.ray.address, ignore_reinit_error=True)
+    DataContext.get_current().execution_no_progress_timeout_s = config.ray.no_progress_timeout
     progress(f"crawl: {num_rows} URLs in {num_shards} shards")
     crawl(config.crawl, run_dir.url_list, run_dir.shards, distributor="ray")
     progress(f"crawl: done in {time.perf_counter() - start:.0f} s")
 
     ds = ray.data.from_items([{"shard_id": i} for i in range(num_shards)], override_num_blocks=num_shards)
     ds = ds.map_batches(ShardReader(run_dir.shards, run_dir.url_list), batch_size=1, batch_format="numpy")
-    for stage in stage_plan(config):
-        ds = apply_on_ray(ds, stage, config)
-    ds = ds.materialize()
+    running = ["read"]  # the stages the next execution runs (a global stage's fit executes those before it)
+    try:
+        for stage in stage_plan(config):
+            if not isinstance(stage, GlobalStage):
+                running.append(stage.name)
+            ds = apply_on_ray(ds, stage, config)
+            if isinstance(stage, GlobalStage):
+                running = [stage.name]
+        ds = ds.materialize()
+    except ExecutionTimeoutError:
+        raise UserError(no_progress_sentence(config, running)) from None
     progress(f"all stages done in {time.perf_counter() - start:.0f} s; writing records/ and dropped/")
     ds.filter(expr=col("status") == KEEP).write_parquet(str(run_dir.work / "records"))
     ds.filter(expr=col("status") != KEEP).drop_columns(["image"]).write_parquet(str(run_dir.work / "dropped"))
 
     return run_dir.finish(num_rows, time.perf_counter() - start,
                           {"ray_stats": ds.stats(), "crawl_passes": crawl_passes(run_dir.shards)})
+
+
+def no_progress_sentence(config: PipelineConfig, stages: list[str]) -> str:
+    waits = (f"; generate waits on the teacher at {config.teacher.base_url}: check that it answers, or raise "
+             f"ray.no_progress_timeout if it is only slow") if "generate" in stages else ""
+    return (f"Ray Data made no progress for {config.ray.no_progress_timeout:.0f} s (no batch handed out) in the "
+            f"stages {', '.join(stages)}{waits}.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -67,6 +68,9 @@ class MapStage:
     batch_size: int | None = None  # default: validate.batch_size
     num_actors: int = 1
     num_gpus: float = 0
+    # Batches one actor works on at once (threads sharing its model or client). Above 1, the stage also gets
+    # one batch per block on Ray, so each batch's output leaves (and shows progress) as soon as it is done.
+    concurrent_batches: int = 1
 
 
 @dataclass
@@ -195,10 +199,19 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
                     partial(AbsentObjectSampler, generate=config.generate, objects=config.objects, seed=config.teacher.seed)),
         MapStage("generate", partial(InstructionGenerator, config.teacher, config.generate,
                                      config.teacher.base_url or "", teacher_cache_dir(config)),
-                 uses_model=True, batch_size=config.generate.batch_size, num_actors=config.teacher.num_actors),
+                 uses_model=True, batch_size=config.generate.batch_size, num_actors=config.teacher.num_actors,
+                 concurrent_batches=teacher_batches_in_flight(config)),
         MapStage("verify", partial(GroundingVerifier, config.objects.vocabulary)),
     ]
     return plan
+
+
+def teacher_batches_in_flight(config: PipelineConfig) -> int:
+    """Batches a generate actor holds at once: enough that its requests fill the client's concurrency (about
+    one request per image, so concurrency / batch_size), plus one that is being assembled or handed out."""
+    from generators.teacher import serving_concurrency
+
+    return -(-serving_concurrency(config.teacher) // config.generate.batch_size) + 1
 
 
 def _cuda_available() -> bool:
@@ -231,10 +244,18 @@ class StageBatches:
         self.name = name
         self.factory = factory
         self.stage: Stage | None = None
+        self._setup_lock = threading.Lock()  # an actor running batches in threads builds its stage once
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_setup_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _setup_lock=threading.Lock())
 
     def setup(self) -> None:
-        if self.stage is None:
-            self.stage = self.factory()
+        with self._setup_lock:
+            if self.stage is None:
+                self.stage = self.factory()
 
     def run(self, rows: list[dict]) -> list[ImageRecord]:
         self.setup()

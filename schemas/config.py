@@ -189,6 +189,10 @@ class EvaluateConfig(_Section):
 
 class RayConfig(_Section):
     address: str = "auto"
+    # Ray Data's own default. Stages hand out batch by batch, so this only fires when nothing moves at all
+    # (a teacher that answers nothing); raise it for a teacher slower than this per batch.
+    no_progress_timeout: float = Field(default=1800.0, gt=0, description="seconds without any stage handing out a "
+                                       "batch before the Ray run stops")
 
 
 # How requests are sent, not what comes back: changing these keeps the dataset version (and the cache).

@@ -3,10 +3,15 @@ real `ray start --head`, real `ray job submit`), whose outputs several tests ins
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
 import pytest
+
+# Tests that attach a driver to the local head (127.0.0.1 only) need what its jobs get from the head: Ray reads
+# this when first imported (infra/local_cluster.py says why), so it is set before any test imports Ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from evals.noise_eval import read_rows as read_dir  # noqa: F401 - tests read outputs as the manifest does
 

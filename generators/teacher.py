@@ -7,10 +7,11 @@ One long-lived event loop per client (a background thread) keeps up to `concurre
 across calls: `submit` from several threads (a Ray actor running batches concurrently) and the pipe never
 drains between batches. The embedded llama.cpp server works on one request at a time, so against it the
 client sends one at a time and queues the rest on our side: a request's timeout then counts from when the
-server starts on it, and a retry never duplicates work the server is still doing. Retries 429 / 5xx / timeouts / malformed responses with exponential
-backoff and full jitter, honouring `Retry-After`; structured output from a pydantic model's JSON
-schema, validated on return and re-asked (with a new seed) a bounded number of times; every call
-cached on disk (`TeacherCache`) and its tokens counted. The API key is read from the environment
+server starts on it, and a retry does not re-send work the server is still doing for this client.
+Retries 429 / 5xx / timeouts / malformed responses with exponential backoff and full jitter, honouring
+`Retry-After`; structured output from a pydantic model's JSON schema, validated on return and re-asked
+(with a new seed) a bounded number of times; every call cached on disk (`TeacherCache`) and its tokens
+counted. The API key is read from the environment
 variable the config names and is never logged, cached or returned.
 """
 from __future__ import annotations
@@ -98,7 +99,6 @@ class TeacherClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: openai.AsyncOpenAI | None = None
         self._limit: asyncio.Semaphore | None = None
-        self.in_flight = self.peak_in_flight = 0  # requests being answered now / at most, this client
 
     def _count(self, request: TeacherRequest, name: str, n: int = 1) -> None:
         for usage in (self.usage, request.usage):
@@ -140,14 +140,6 @@ class TeacherClient:
     def run_all(self, requests: list[TeacherRequest]) -> list[BaseModel | TeacherError]:
         """Answers in request order; a request that failed for good comes back as its TeacherError."""
         return self.submit(requests).result()
-
-    def close(self) -> None:
-        """Closes the HTTP client and stops the loop (a client is also fine to drop with its process)."""
-        with self._start_lock:
-            loop, self._loop = self._loop, None
-        if loop is not None:
-            asyncio.run_coroutine_threadsafe(self._client.close(), loop).result()
-            loop.call_soon_threadsafe(loop.stop)
 
     async def _run_all(self, requests: list[TeacherRequest]) -> list[BaseModel | TeacherError]:
         async def one(request: TeacherRequest):
@@ -191,13 +183,8 @@ class TeacherClient:
             self._count(request, "requests")
             try:
                 async with self._limit:  # the slot is held while the server works, not during backoff
-                    self.in_flight += 1
-                    self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-                    try:
-                        response = await client.chat.completions.create(
-                            model=self.config.model, messages=request.messages, response_format=fmt, **sampling)
-                    finally:
-                        self.in_flight -= 1
+                    response = await client.chat.completions.create(
+                        model=self.config.model, messages=request.messages, response_format=fmt, **sampling)
                 content = response.choices[0].message.content
                 if not isinstance(content, str):
                     raise TypeError("no message content")

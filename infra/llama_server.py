@@ -29,11 +29,19 @@ import numpy as np
 from llama_cpp.server.__main__ import main
 
 _generate, _eval = llama_cpp.Llama.generate, llama_cpp.Llama.eval
-MAX_SAVED_PREFIXES = 8  # a few tasks' shared prefixes (~20 MB of KV cache each for SmolLM2-135M at 768 tokens)
+MAX_SAVED_PREFIXES = 8  # a few tasks' shared prefixes (~12 MB of KV cache each for SmolLM2-135M at 512 tokens)
 
 
 def prefix_key(tokens) -> str:
     return hashlib.sha1(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()
+
+
+def clear_cache(llm: llama_cpp.Llama) -> None:
+    """No tokens, every KV cell free again (filled from the first), as for a first request."""
+    llm.reset()
+    memory = llama_cpp.llama_get_memory(llm._ctx.ctx)
+    if memory is not None:
+        llama_cpp.llama_memory_clear(memory, True)
 
 
 class PrefixStates:
@@ -41,15 +49,11 @@ class PrefixStates:
 
     def __init__(self, capacity: int = MAX_SAVED_PREFIXES):
         self.capacity, self.saved, self.seen = capacity, OrderedDict(), Counter()
-        self.restored_tokens = self.evaluated_tokens = 0  # prompt tokens restored vs evaluated (the log shows them)
 
     def restore(self, llm: llama_cpp.Llama, tokens: list[int]) -> int:
         """Restores the longest saved prefix of `tokens` that leaves at least one token to evaluate; returns its
         length (0: the cache is cleared, as for a first request)."""
-        llm.reset()
-        memory = llama_cpp.llama_get_memory(llm._ctx.ctx)
-        if memory is not None:
-            llama_cpp.llama_memory_clear(memory, True)  # every cell free again, filled from the first
+        clear_cache(llm)
         n = llm.n_batch
         for end in range((len(tokens) - 1) // n * n, 0, -n):
             data = self.saved.get(prefix_key(tokens[:end]))
@@ -58,7 +62,7 @@ class PrefixStates:
             self.saved.move_to_end(prefix_key(tokens[:end]))
             buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
             if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(data), 0) != len(data):
-                llama_cpp.llama_memory_clear(memory, True)
+                clear_cache(llm)
                 return 0
             llm.input_ids[:end] = tokens[:end]
             llm.n_tokens = end
@@ -86,8 +90,6 @@ STATES = PrefixStates()
 def generate_with_shared_prefixes(self: llama_cpp.Llama, tokens, *args, **kwargs):
     tokens = list(tokens)
     restored = STATES.restore(self, tokens)
-    STATES.restored_tokens += restored
-    STATES.evaluated_tokens += len(tokens) - restored
     print(f"prompt: {len(tokens)} tokens, {restored} restored from a shared prefix, {len(tokens) - restored} "
           f"evaluated", file=sys.stderr, flush=True)
     self._visinstruct_prompt = tokens  # the eval hook saves shared prefixes of this prompt
@@ -109,10 +111,7 @@ def eval_at_chunk_boundaries(self: llama_cpp.Llama, tokens):
 
 
 def from_empty_cache(self: llama_cpp.Llama, tokens, *args, **kwargs):
-    self.reset()
-    memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-    if memory is not None:
-        llama_cpp.llama_memory_clear(memory, True)
+    clear_cache(self)
     return _generate(self, tokens, *args, **kwargs)
 
 

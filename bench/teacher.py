@@ -33,7 +33,7 @@ from generators.instructions import TEACHER_TYPES
 from generators.prompts import PROMPT_VERSION, rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import TeacherClient, TeacherRequest, response_format
 from generators.vocabulary import COCO_CATEGORIES
-from infra.embedded_teacher import EmbeddedTeacher, free_port
+from infra.embedded_teacher import EmbeddedTeacher, free_port, served_prompts
 from infra.local_cluster import LOOPBACK_ONLY_ENV, start_head, stop_head
 from schemas.config import load_config
 from schemas.records import KEEP, ImageRecord, ObjectAnnotation
@@ -72,11 +72,6 @@ def serve(base_url: str, model: str, requests: list, max_tokens: int) -> tuple[f
     return time.perf_counter() - start, answers
 
 
-def evaluated_tokens(log: Path) -> list[int]:
-    """Prompt tokens evaluated per request, from the prefix-reusing server's log lines."""
-    return [int(line.rsplit(",", 1)[1].split()[0]) for line in log.read_text().splitlines() if line.startswith("prompt: ")]
-
-
 def embedded_part(rounds: int, n: int, workdir: Path) -> dict:
     config = load_config(CONFIG).teacher
     logs = {"scratch": workdir / "scratch.log", "reuse": workdir / "reuse.log"}
@@ -85,7 +80,7 @@ def embedded_part(rounds: int, n: int, workdir: Path) -> dict:
         warm = mixed_requests(4, 99_000)  # both: model paged in; the reusing one sees the prefix twice and saves it
         serve(scratch, config.model, warm, config.max_tokens)
         serve(reuse, config.model, warm, config.max_tokens)
-        before = len(evaluated_tokens(logs["reuse"]))
+        before = len(served_prompts(logs["reuse"]))
         seconds = {"scratch": 0.0, "reuse": 0.0}
         same = True
         for r in range(rounds):
@@ -98,18 +93,15 @@ def embedded_part(rounds: int, n: int, workdir: Path) -> dict:
                 seconds[name] += elapsed
                 print(f"round {r} {name}: {n / elapsed:.3f} requests/s", flush=True)
             same &= got["scratch"] == got["reuse"]
-        reused = evaluated_tokens(logs["reuse"])[before:]
+        prompts = served_prompts(logs["reuse"])[before:]  # (tokens, restored); the scratch server evaluates all
     total = rounds * n
-    # The scratch server evaluates the whole prompt: its tokens are what the reusing one evaluated plus restored.
-    restored = [int(line.split(" tokens, ")[1].split()[0]) for line in logs["reuse"].read_text().splitlines()
-                if line.startswith("prompt: ")][before:]
     return {
         "requests": total, "max_tokens": config.max_tokens,
         "requests_per_s": {k: round(total / v, 3) for k, v in seconds.items()},
         "speedup": round(seconds["scratch"] / seconds["reuse"], 3), "target_speedup": 2.0,
         "prompt_tokens_evaluated_per_request": {
-            "scratch": round(sum(e + r for e, r in zip(reused, restored)) / len(reused), 1),
-            "reuse": round(sum(reused) / len(reused), 1)},
+            "scratch": round(sum(t for t, _ in prompts) / len(prompts), 1),
+            "reuse": round(sum(t - r for t, r in prompts) / len(prompts), 1)},
         "identical_answers": same,
     }
 

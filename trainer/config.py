@@ -68,11 +68,21 @@ class TrainConfig(_Section):
     weight_decay: float = Field(default=0.0, ge=0)  # LLaVA uses none
     max_grad_norm: float = Field(default=1.0, gt=0)
     max_length: int = Field(default=2048, ge=8, description="tokens per sample after image expansion")
+    max_dropped_share: float = Field(default=0.01, ge=0, le=1, description="stop before training when more than "
+                                     "this share of samples would lose image or answer tokens to max_length")
+    group_by_length: bool = Field(default=False, description="batch samples of similar length (less padding; "
+                                  "Hugging Face's group_by_length)")
     seed: int = 0
     save_every: int = Field(default=200, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(default=2, ge=1, description="newest checkpoints kept in out/checkpoints")
     gradient_checkpointing: bool = False
     device: str = "auto"
+    workers: int | None = Field(default=None, ge=1, description="data-parallel Ray Train workers (DDP); default one "
+                                                                "process without Ray")
+    gpus_per_worker: float = Field(default=0, ge=0, description="GPUs each Ray Train worker holds")
+    stop_at_step: int | None = Field(default=None, ge=1, description="end this run after that optimizer step (with a "
+                                                                     "checkpoint); a later run with the same --out "
+                                                                     "continues")
     # bf16 autocast (fp32 master weights): always on CUDA; on the CPU when asked (fast where the CPU has native
     # bf16, AVX512-BF16 / AMX).
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on "

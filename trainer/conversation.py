@@ -18,6 +18,15 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 @dataclass
+class Footprint:
+    """Where a sample's tokens end before any truncation (positions after image expansion)."""
+
+    length: int  # all tokens
+    image_end: int  # one past the last image position (0: no image)
+    answer_end: int  # one past the last supervised token (0: nothing supervised)
+
+
+@dataclass
 class EncodedSample:
     input_ids: list[int]  # image tokens already expanded to N_patches each
     labels: list[int]  # IGNORE where the loss does not look
@@ -102,6 +111,19 @@ class ConversationEncoder:
             cut = len(out_ids) - out_ids[::-1].index(self.image_token_id) - partial
             out_ids, out_labels = out_ids[:cut], out_labels[:cut]
         return EncodedSample(out_ids, out_labels, image_positions // self.num_patches)
+
+    def measure(self, conversations: list[dict], num_images: int) -> Footprint:
+        """The sample's untruncated footprint (what `encode` would cut at max_length); ValueError as `encode`."""
+        messages = to_messages(conversations, num_images)
+        ids, labels = (self._plain if self.fmt == "plain" else self._chat)(messages)
+        position = image_end = answer_end = 0
+        for token, label in zip(ids, labels):
+            position += self.num_patches if token == self.image_token_id else 1
+            if token == self.image_token_id:
+                image_end = position
+            elif label != IGNORE:
+                answer_end = position
+        return Footprint(position, image_end, answer_end)
 
     def encode(self, conversations: list[dict], num_images: int) -> EncodedSample:
         messages = to_messages(conversations, num_images)

@@ -3,7 +3,8 @@ blip_laion_cc_sbu_558k.json), or (b) a Hugging Face DatasetDict saved with `save
 (+ split), or as the pipeline publishes it: `--dataset outputs/<name> --version <v>` -> `<v>/hf/`.
 
 Rows become {id, images (PIL), conversations}; `TrainingSamples` turns them into ids, labels and
-preprocessed pixels; `EpochOrder` is the resumable data order (a seeded permutation per epoch).
+preprocessed pixels; `EpochOrder` is the resumable data order (a seeded permutation per epoch), and
+`LengthGroupedOrder` the same with neighbours of similar length (little padding per batch).
 """
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ class LlavaJson:
                                 f"check --image-folder.") from None
         return ConversationRow(str(row.get("id", index)), images, row["conversations"])
 
+    def text_of(self, index: int) -> tuple[str, list[dict], int]:
+        """(id, conversations, number of images) without opening the images."""
+        row = self.rows[index]
+        return str(row.get("id", index)), row["conversations"], len(_as_list(row.get("image")))
+
     def types(self) -> list:
         return [r.get("type") for r in self.rows]
 
@@ -80,9 +86,28 @@ class SavedHfDataset:
         if missing:
             raise UserError(f"{path} has no 'conversations' column; it must hold the pipeline's published schema.")
         self.table = loaded
+        self._text = None
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def text_of(self, index: int) -> tuple[str, list[dict], int]:
+        """(id, conversations, number of images) without decoding the images."""
+        import datasets
+
+        if self._text is None:
+            view = self.table.select_columns([c for c in ("id", "conversations", "image", "images")
+                                              if c in self.table.column_names])
+            for column in {"image", "images"} & set(view.column_names):
+                feature = view.features[column]
+                if isinstance(feature, datasets.Image):
+                    view = view.cast_column(column, datasets.Image(decode=False))
+                elif isinstance(getattr(feature, "feature", None), datasets.Image):
+                    view = view.cast_column(column, datasets.Sequence(datasets.Image(decode=False)))
+            self._text = view
+        row = self._text[index]
+        images = _as_list(row.get("image")) + _as_list(row.get("images"))
+        return str(row.get("id", index)), row["conversations"], len(images)
 
     def __getitem__(self, index: int) -> ConversationRow:
         row = self.table[index]
@@ -93,21 +118,35 @@ class SavedHfDataset:
         return list(self.table["type"]) if "type" in self.table.column_names else [None] * len(self.table)
 
 
-class OfTypes:
-    """The rows whose `type` (conversation, detail, reasoning, negatives, caption) is one of `types`."""
+class RowView:
+    """The rows at `indices` of another row source, in that order."""
 
-    def __init__(self, rows, types: list[str]):
-        present = rows.types()
-        self.rows, self.indices = rows, [i for i, t in enumerate(present) if t in types]
-        if not self.indices:
-            raise UserError(f"No rows of type {', '.join(types)} in the data; types there: "
-                            f"{', '.join(sorted({str(t) for t in present}))}.")
+    def __init__(self, rows, indices: list[int]):
+        self.rows, self.indices = rows, indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> ConversationRow:
         return self.rows[self.indices[index]]
+
+    def text_of(self, index: int) -> tuple[str, list[dict], int]:
+        return self.rows.text_of(self.indices[index])
+
+    def types(self) -> list:
+        present = self.rows.types()
+        return [present[i] for i in self.indices]
+
+
+class OfTypes(RowView):
+    """The rows whose `type` (conversation, detail, reasoning, negatives, caption) is one of `types`."""
+
+    def __init__(self, rows, types: list[str]):
+        present = rows.types()
+        super().__init__(rows, [i for i, t in enumerate(present) if t in types])
+        if not self.indices:
+            raise UserError(f"No rows of type {', '.join(types)} in the data; types there: "
+                            f"{', '.join(sorted({str(t) for t in present}))}.")
 
 
 def published_dataset(root: Path, version: str | None) -> Path:
@@ -191,10 +230,40 @@ class EpochOrder(torch.utils.data.Sampler):
     def __init__(self, size: int, seed: int, start: int = 0):
         self.size, self.seed, self.start = size, seed, start
 
+    def epoch(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
     def __iter__(self):
         position = self.start
         while True:
             epoch, offset = divmod(position, self.size)
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            yield from torch.randperm(self.size, generator=generator)[offset:].tolist()
+            yield from self.epoch(epoch)[offset:]
             position = (epoch + 1) * self.size
+
+
+class LengthGroupedOrder(EpochOrder):
+    """EpochOrder whose consecutive `batch_size` samples have similar lengths (Hugging Face's
+    `group_by_length`, LLaVA's `group_by_modality_length` without the modality split): each epoch's seeded
+    permutation is cut into mega-batches of up to 50 batches, each sorted longest first, so batches are
+    still random draws of the data but pad little. Resumable at any `start` like EpochOrder."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, start: int = 0):
+        super().__init__(len(lengths), seed, start)
+        self.lengths = lengths
+        self.mega = batch_size * max(1, min(50, len(lengths) // (batch_size * 4)))
+
+    def epoch(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        return [i for at in range(0, self.size, self.mega)
+                for i in sorted(order[at:at + self.mega], key=lambda i: -self.lengths[i])]
+
+
+def padding_share(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """The share of padding positions when `order` is cut into batches of `batch_size` (right padding)."""
+    padded = real = 0
+    for at in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[at:at + batch_size]]
+        padded, real = padded + max(batch) * len(batch), real + sum(batch)
+    return 1 - real / max(1, padded)

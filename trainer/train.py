@@ -10,6 +10,8 @@ same loss curve.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -27,7 +29,9 @@ from trainer.checkpoint import (CHECKPOINTS, build_vlm, check_architecture, chec
                                 set_rng_states)
 from trainer.config import TrainConfig, autocast, save_config
 from trainer.conversation import IGNORE, ConversationEncoder
-from trainer.data import Collate, EpochOrder, TrainingSamples, open_rows
+from trainer.budget import check_token_budget, enforce
+from trainer.distributed import ShardOf, global_sum, rank_and_size, wrap
+from trainer.data import Collate, EpochOrder, LengthGroupedOrder, RowView, TrainingSamples, open_rows
 from trainer.language_model import pad_token_id
 from trainer.stages import apply_stage, format_table, learning_rate, stage_spec
 
@@ -66,12 +70,20 @@ class Trainer:
         if start is not None:
             load_weights(self.vlm, start, config.lora)
         self.vlm.to(self.device)
+        self.rank, self.world = rank_and_size()  # (0, 1) unless Ray Train started workers (trainer/distributed.py)
+        self.model = wrap(self.vlm, self.device)  # DDP across workers; the VLM itself in one process
 
         encoder = ConversationEncoder(self.vlm.tokenizer, self.vlm.image_token_id, self.vlm.num_patches,
                                       self.spec.render, config.max_length)
+        self.budget = check_token_budget(rows, encoder)  # nothing is trained cut: see trainer/budget.py
+        if self.budget.dropped_share > config.max_dropped_share or not self.budget.kept:
+            if self.rank == 0:
+                self.budget.save(self.out / "token_budget.json")
+            enforce(self.budget, config.max_dropped_share, self.out / "token_budget.json")
+        rows = RowView(rows, self.budget.kept)
         self.samples = TrainingSamples(rows, encoder, self.vlm.vision_tower.preprocess)
         self.collate = Collate(pad_token_id(self.vlm.tokenizer), self.vlm.vision_tower.image_size)
-        per_step = config.batch_size * config.grad_accum
+        per_step = config.batch_size * config.grad_accum * self.world
         self.max_steps = config.max_steps or math.ceil(len(rows) / per_step)  # default: one epoch, as LLaVA
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, weight_decay=config.weight_decay)
         warmup = math.ceil(config.warmup_ratio * self.max_steps)
@@ -116,8 +128,12 @@ class Trainer:
 
     def batches(self):
         """Endless micro-batches from where the data order stands at `self.step`."""
-        order = EpochOrder(len(self.samples), self.config.seed,
-                           start=self.step * self.config.batch_size * self.config.grad_accum)
+        config, world = self.config, self.world
+        start = self.step * config.batch_size * config.grad_accum * world
+        order = (LengthGroupedOrder(self.budget.lengths, config.batch_size * world, config.seed, start)
+                 if config.group_by_length else EpochOrder(len(self.samples), config.seed, start))
+        if world > 1:  # this worker's slice of each global micro-batch
+            order = ShardOf(order, config.batch_size, self.rank, world)
         loader = torch.utils.data.DataLoader(self.samples, batch_size=self.config.batch_size, sampler=order,
                                              collate_fn=self.collate, num_workers=self.config.num_workers,
                                              generator=torch.Generator().manual_seed(self.config.seed),  # not the global RNG
@@ -125,17 +141,24 @@ class Trainer:
         return iter(loader)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over `grad_accum` micro-batches; returns the step's metrics."""
-        self.vlm.train()
-        losses, tokens, supervised = [], 0, 0
-        for batch in micro_batches:
-            supervised += count_supervised(batch["labels"])
+        """One optimizer step over `grad_accum` micro-batches (on every worker); returns the step's metrics. The
+        loss is the mean over the supervised tokens of the whole step, all micro-batches and workers together."""
+        self.model.train()
+        counts = [count_supervised(batch["labels"]) for batch in micro_batches]
+        supervised = global_sum(sum(counts))
+        loss_sum, tokens, positions = 0.0, 0, 0
+        for i, (batch, count) in enumerate(zip(micro_batches, counts)):
+            positions += batch["attention_mask"].numel()
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.autocast():
-                loss = self.vlm(**batch).loss
-            (loss / len(micro_batches)).backward()
-            losses.append(loss.item())
+            last = i == len(micro_batches) - 1  # DDP reduces gradients once, after the last micro-batch
+            with self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext():
+                with self.autocast():
+                    loss = self.model(**batch).loss  # mean over this micro-batch's supervised tokens
+                # DDP averages over workers: scaled by `world`, the sum is the step's token mean
+                (loss * (count * self.world / supervised)).backward()
+            loss_sum += loss.item() * count
             tokens += int(batch["attention_mask"].sum())
+        loss_sum, tokens, positions = global_sum(loss_sum), int(global_sum(tokens)), int(global_sum(positions))
         torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                        self.config.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -143,11 +166,11 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr, "tokens": tokens,
-                "supervised_tokens": supervised}
+        return {"step": self.step, "loss": loss_sum / supervised, "lr": lr, "tokens": tokens,
+                "supervised_tokens": int(supervised), "positions": positions, "padding_share": 1 - tokens / positions}
 
     def save(self) -> Path:
-        state = {"step": self.step, "samples_seen": self.step * self.config.batch_size * self.config.grad_accum,
+        state = {"step": self.step, "samples_seen": self.step * self.config.batch_size * self.config.grad_accum * self.world,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         path = save_checkpoint(self.out, self.vlm, self.config, self.modules, state)
         prune_checkpoints(self.out, self.config.keep_checkpoints)
@@ -164,22 +187,28 @@ class Trainer:
 
     def run(self, until_step: int | None = None) -> list[dict]:
         """Trains to max_steps (or stops after `until_step`, as an interrupted run would); returns this call's metrics."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.step == 0 and checkpoints_in(self.out):  # resume=false: a fresh run replaces the old one
-            sys.stderr.write(f"resume=false: removing the earlier run's checkpoints in {self.out}\n")
-            shutil.rmtree(self.out / CHECKPOINTS)
-        save_config(self.config, self.out / "config.yaml")
-        (self.out / "modules.json").write_text(json.dumps(self.modules, indent=1))
-        log = sys.stderr.write
+        writer = self.rank == 0  # one writer of logs, metrics and checkpoints
+        log = sys.stderr.write if writer else (lambda text: None)
+        if writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.step == 0 and checkpoints_in(self.out):  # resume=false: a fresh run replaces the old one
+                log(f"resume=false: removing the earlier run's checkpoints in {self.out}\n")
+                shutil.rmtree(self.out / CHECKPOINTS)
+            save_config(self.config, self.out / "config.yaml")
+            (self.out / "modules.json").write_text(json.dumps(self.modules, indent=1))
+            self.budget.save(self.out / "token_budget.json")
+        log(self.budget.summary() + (f" (ids in {self.out / 'token_budget.json'})" if self.budget.dropped else "") + "\n")
         log(f"{self.spec.name} ({self.spec.data}): {len(self.samples)} samples, {self.max_steps} steps of {self.config.batch_size}x"
-            f"{self.config.grad_accum}, lr {self.lr:g}, device {self.device}"
+            f"{self.config.grad_accum}" + (f" on each of {self.world} workers" if self.world > 1 else "")
+            + f", lr {self.lr:g}, device {self.device}"
             + (f", resumed at step {self.step} from {self.resumed_from}" if self.resumed_from else "") + "\n")
         log(format_table(self.modules) + "\n")
-        stop = min(self.max_steps, until_step or self.max_steps)
+        stop = min(self.max_steps, until_step or self.max_steps, self.config.stop_at_step or self.max_steps)
         history = []
         micro = self.batches()
-        with self._open_metrics() as metrics, tqdm(total=self.max_steps, initial=self.step, desc=self.spec.name,
-                                                   unit="step", disable=not self.progress) as bar:
+        with self._open_metrics() if writer else io.StringIO() as metrics, \
+                tqdm(total=self.max_steps, initial=self.step, desc=self.spec.name, unit="step",
+                     disable=not (self.progress and writer)) as bar:
             while self.step < stop:
                 started = time.perf_counter()
                 record = self.train_step([next(micro) for _ in range(self.config.grad_accum)])
@@ -190,6 +219,10 @@ class Trainer:
                 history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                if self.step % self.config.save_every == 0 or self.step == self.max_steps:
+                if writer and (self.step % self.config.save_every == 0 or self.step in (self.max_steps, stop)):
                     self.save()
+        if history:
+            padding = 1 - sum(r["tokens"] for r in history) / sum(r["positions"] for r in history)
+            log(f"padding: {padding:.1%} of the batch positions of these {len(history)} steps"
+                f"{' (batches grouped by length)' if self.config.group_by_length else ''}\n")
         return history

@@ -418,3 +418,24 @@ def test_length_grouped_batches_pad_less_and_resume_in_the_same_order():
     uninterrupted = [next(endless) for _ in range(1500)]
     resumed = iter(LengthGroupedOrder(lengths, 8, seed=0, start=1200))
     assert [next(resumed) for _ in range(300)] == uninterrupted[1200:]
+
+
+def test_text_only_conversations_are_mixed_in_at_the_configured_ratio(tiny, tmp_path):
+    from trainer.train import Trainer
+
+    text = tmp_path / "text.json"
+    text.write_text(json.dumps([{"id": f"t{i}", "conversations": [{"from": "human", "value": "what color is the sky"},
+                                                                    {"from": "gpt", "value": "blue"}]} for i in range(5)]))
+    trainer = Trainer(train_config(tiny, tmp_path / "run", text_data=str(text), text_ratio=0.25, max_steps=2,
+                                   batch_size=4), progress=False)
+    ids = [trainer.samples.rows[i].id for i in range(len(trainer.samples))]
+    assert len(ids) == 16 and ids[:12] == [f"s{i}" for i in range(12)]  # 12 multimodal + 4 text-only: 25%
+    assert len(set(ids[12:])) == 4 and all(i.startswith("t") for i in ids[12:])
+    assert len(trainer.run()) == 2
+
+    with_image = tmp_path / "bad.json"
+    with_image.write_text(json.dumps([{"id": "x", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "blue"}]}]))
+    with pytest.raises(UserError) as err:
+        Trainer(train_config(tiny, tmp_path / "bad", text_data=str(with_image)), progress=False)
+    assert "row x has an image" in one_sentence(err)

@@ -56,6 +56,9 @@ class TrainConfig(_Section):
     split: str = Field(default="train", description="split of a saved DatasetDict")
     types: list[str] | None = Field(default=None, description="keep rows of these types, comma-separated "
                                                               "(e.g. caption); default all")
+    text_data: str | None = Field(default=None, description="LLaVA JSON of text-only conversations mixed in "
+                                                           "(keeps the LM's text ability in Stage 2)")
+    text_ratio: float = Field(default=0.1, ge=0, lt=1, description="share of the samples that come from --text-data")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
 
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; default one epoch (as LLaVA)")

@@ -167,7 +167,53 @@ def open_rows(config: TrainConfig):
         rows = OfTypes(rows, config.types)
     if len(rows) == 0:
         raise UserError("The training data has no rows; check --data / --dataset and --split.")
+    if config.text_data:
+        return mixed_with_text(rows, config)
     return rows
+
+
+class Concatenated:
+    """Two row sources one after the other."""
+
+    def __init__(self, first, second):
+        self.parts = (first, second)
+
+    def __len__(self) -> int:
+        return len(self.parts[0]) + len(self.parts[1])
+
+    def _at(self, index: int):
+        first = len(self.parts[0])
+        return (self.parts[0], index) if index < first else (self.parts[1], index - first)
+
+    def __getitem__(self, index: int) -> ConversationRow:
+        part, at = self._at(index)
+        return part[at]
+
+    def text_of(self, index: int) -> tuple[str, list[dict], int]:
+        part, at = self._at(index)
+        return part.text_of(at)
+
+    def types(self) -> list:
+        return self.parts[0].types() + self.parts[1].types()
+
+
+def mixed_with_text(rows, config: TrainConfig):
+    """The multimodal rows plus text-only rows from `text_data`, so that text-only samples make up
+    `text_ratio` of the whole (a guard against losing the language model's text ability in Stage 2):
+    n * r / (1 - r) of them, a seeded draw (with repeats when the text data is smaller)."""
+    import random
+
+    text = LlavaJson(Path(config.text_data), Path(config.text_data).parent)
+    if len(text) == 0:
+        raise UserError(f"--text-data {config.text_data} holds no rows; pass a LLaVA JSON of text-only conversations.")
+    with_images = [i for i in range(len(text)) if text.text_of(i)[2]]
+    if with_images:
+        raise UserError(f"--text-data {config.text_data} row {text.text_of(with_images[0])[0]} has an image; text "
+                        f"mixing takes text-only conversations (images belong in --data).")
+    wanted = round(len(rows) * config.text_ratio / (1 - config.text_ratio))
+    rng = random.Random(config.seed)
+    picks = rng.sample(range(len(text)), wanted) if wanted <= len(text) else [rng.randrange(len(text)) for _ in range(wanted)]
+    return Concatenated(rows, RowView(text, picks))
 
 
 def _open_rows(config: TrainConfig):

@@ -3,8 +3,22 @@ build the random / popular / adversarial yes-no question splits from COCO-format
 annotations, and score a model's answers with the official rules (POPE's evaluate.py), read by
 `filters.yes_no.answer_to_label`: the one yes/no reader the grounding verifier and the evals share.
 
+The field scores the same benchmark three ways, which is why published POPE figures of one model
+disagree across repositories; `score_pope(..., rule=)` reports each, so ours sit next to anyone's:
+
+  official     POPE's evaluate.py: the first sentence; "No" / "no" / "not" as a word -> no, else yes.
+  lmms_eval    lmms-eval's pope task: the whole answer, lower-cased and stripped, must equal "yes" or
+               "no"; anything else ("Yes.", "No, there is no dog.") is wrong, and, as there, counts
+               neither as a false positive nor as a false negative.
+  vlmevalkit   VLMEvalKit's YOrN extraction: punctuation dropped, lower-cased words; "yes" without "no"
+               -> yes, "no" without "yes" -> no, else "unknown": wrong, and not a "yes" in precision
+               and recall.
+
+The yes-ratio is always the share of answers read as "yes" (lmms-eval's own yes_ratio aggregates the
+ground truth, always 0.5 on balanced splits; we do not copy that).
+
     python -m evals.pope build --instances data/world/annotations/instances_val.json --out outputs/pope
-    python -m evals.pope score --questions outputs/pope/coco_pope_random.json --answers answers.jsonl
+    python -m evals.pope score --questions outputs/pope/coco_pope_random.json --answers answers.jsonl [--rule all]
 
 Files are JSON Lines in the official format, so official POPE files and LLaVA's
 `model_vqa_loader` answer files work unchanged.
@@ -14,15 +28,46 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
+from typing import Literal
 
 from filters.yes_no import answer_to_label
 from schemas.errors import UserError
 
 STRATEGIES = ("random", "popular", "adversarial")
 QUESTION_KEYS = ("question_id", "image", "text", "label")
+RULES = ("official", "lmms_eval", "vlmevalkit")
+LLAVA_POST_PROMPT = "Answer the question using a single word or phrase."  # LLaVA-1.5's, in published POPE runs
+
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+_DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
+_LONE_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+
+
+def _vlmevalkit_words(text: str) -> list[str]:
+    """VLMEvalKit's punctuation handling: a mark next to a space (or any text with a digit-comma-digit) is
+    dropped, otherwise it becomes a space; periods not between digits are dropped."""
+    keep_glued = _DIGIT_COMMA.search(text) is not None
+    for mark in _PUNCTUATION:
+        glued = keep_glued or f"{mark} " in text or f" {mark}" in text
+        text = text.replace(mark, "" if glued else " ")
+    return _LONE_PERIOD.sub("", text).split()
+
+
+def read_answer(answer: str, rule: str = "official") -> Literal["yes", "no", "other"]:
+    """The answer as `rule` reads it (module docstring); "other" only under lmms_eval and vlmevalkit."""
+    if rule == "official":
+        return answer_to_label(answer)
+    if rule == "lmms_eval":
+        said = answer.lower().strip()
+        return said if said in ("yes", "no") else "other"
+    if rule == "vlmevalkit":
+        words = set(_vlmevalkit_words(answer.lower()))
+        return "yes" if "yes" in words and "no" not in words else "no" if "no" in words and "yes" not in words else "other"
+    raise UserError(f"unknown POPE rule {rule!r}; use one of {', '.join(RULES)}.")
 
 
 def load_instances(instances: dict | str | Path) -> dict:
@@ -158,26 +203,44 @@ def read_answers(path: str | Path) -> dict:
     return answers
 
 
-def score_pope(questions: list[dict], answers: dict) -> dict:
-    """Accuracy, precision, recall, F1 (positive class "yes"), yes_ratio of predictions, confusion counts."""
+def score_pope(questions: list[dict], answers: dict, rule: str = "official") -> dict:
+    """Accuracy, precision, recall, F1 (positive class "yes"), yes_ratio of predictions, confusion counts and
+    `other` (answers the rule reads as neither yes nor no), as `rule` scores them (module docstring)."""
     if not questions:
         raise UserError("there are no POPE questions to score; check the questions file.")
     missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
     if missing:
         raise UserError(f"{len(missing)} of {len(questions)} POPE questions have no answer (first: question_id "
                         f"{missing[0]}); answer every question before scoring.")
-    pairs = [(q["label"] == "yes", answer_to_label(answers[q["question_id"]]) == "yes") for q in questions]
-    tp = sum(gold and pred for gold, pred in pairs)
-    fp = sum(pred and not gold for gold, pred in pairs)
-    tn = sum(not gold and not pred for gold, pred in pairs)
-    fn = sum(gold and not pred for gold, pred in pairs)
+    pairs = [(q["label"], read_answer(answers[q["question_id"]], rule)) for q in questions]
+    tp = sum(gold == "yes" and said == "yes" for gold, said in pairs)
+    fp = sum(gold == "no" and said == "yes" for gold, said in pairs)
+    tn = sum(gold == "no" and said == "no" for gold, said in pairs)
+    # lmms-eval counts a false negative only for an answer of exactly "no"; VLMEvalKit for any answer but "yes"
+    fn = sum(gold == "yes" and (said == "no" or (said == "other" and rule == "vlmevalkit")) for gold, said in pairs)
     n = len(pairs)
     # The official script divides by zero when nothing is predicted "yes"; we report 0.0 instead.
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": (tp + fp) / n, "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n}
+            "yes_ratio": sum(said == "yes" for _, said in pairs) / n, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "other": sum(said == "other" for _, said in pairs), "n": n, "rule": rule}
+
+
+def score_every_rule(questions: list[dict], answers: dict) -> dict[str, dict]:
+    return {rule: score_pope(questions, answers, rule) for rule in RULES}
+
+
+def format_rules_table(by_split: dict[str, dict[str, dict]]) -> str:
+    """Markdown: one row per split and rule (split -> rule -> metrics), rates in percent."""
+    lines = ["| split | rule | accuracy | precision | recall | F1 | yes-ratio | neither yes nor no | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for split, rules in by_split.items():
+        for rule, m in rules.items():
+            rates = " | ".join(f"{100 * m[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+            lines.append(f"| {split} | {rule} | {rates} | {m['other']} | {m['n']} |")
+    return "\n".join(lines)
 
 
 def format_pope_table(results: dict[str, dict]) -> str:
@@ -202,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     score = sub.add_parser("score", help="print metrics JSON for one split")
     score.add_argument("--questions", required=True, help="POPE question file (JSON Lines)")
     score.add_argument("--answers", required=True, help="answers (JSON Lines with question_id and text)")
+    score.add_argument("--rule", default="official", choices=[*RULES, "all"], help="how answers are read (all: each)")
     args = p.parse_args(argv)
     if args.command == "build":
         data = load_instances(args.instances)  # parse once for all three splits
@@ -211,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
             write_pope_file(questions, path)
             print(f"{path}: {len(questions)} questions")
     else:
-        print(json.dumps(score_pope(read_pope_file(args.questions), read_answers(args.answers)), indent=2))
+        questions, answers = read_pope_file(args.questions), read_answers(args.answers)
+        scored = score_every_rule(questions, answers) if args.rule == "all" else score_pope(questions, answers, args.rule)
+        print(json.dumps(scored, indent=2))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from evals.image_dependence import counter_questions, flip_rate
-from evals.pope import (STRATEGIES, build_pope_questions, format_pope_table, load_instances, objects_per_image,
-                        score_pope, write_pope_file)
+from evals.pope import (LLAVA_POST_PROMPT, STRATEGIES, build_pope_questions, format_pope_table, format_rules_table,
+                        load_instances, objects_per_image, score_every_rule, score_pope, write_pope_file)
 from filters.yes_no import answer_to_label, opening_yes_no
 from schemas.errors import UserError
 
@@ -60,6 +60,8 @@ class EvalConfig(BaseModel):
     description_tokens: int = Field(default=96, ge=1, description="length of each description")
     batch_size: int = Field(default=16, ge=1, description="prompts generated together")
     seed: int = Field(default=0, description="POPE sampling seed")
+    post_prompt: str = Field(default="", description="text added on a new line after each POPE question; 'llava' "
+                                                     f"is LLaVA-1.5's '{LLAVA_POST_PROMPT}'")
     device: str = Field(default="auto", description="cpu, cuda, or auto")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on CUDA, "
                                                                                    "fp32 on the CPU")
@@ -166,7 +168,9 @@ def format_results(results: dict) -> str:
         line = f"QA accuracy on held-out generated yes/no questions: n/a (n=0: {qa.get('why', 'no questions')})"
     looked = ", ".join(f"{split} {_percent(d['image_dependence'])} ({d['flipped']}/{d['pairs']})"
                        for split, d in results.get("image_dependence", {}).items())
-    return (f"POPE ({results['checkpoint']})\n\n{format_pope_table(results['pope'])}\n\n"
+    rules = results.get("pope_rules")
+    by_rule = f"The same answers under each common rule (evals/pope.py):\n\n{format_rules_table(rules)}\n\n" if rules else ""
+    return (f"POPE ({results['checkpoint']})\n\n{format_pope_table(results['pope'])}\n\n{by_rule}"
             f"Image dependence (answers that flip on an image with the opposite truth): {looked or 'n/a'}\n{line}\n")
 
 
@@ -209,20 +213,26 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
         with Image.open(images / name) as image:
             return image.convert("RGB")
 
-    def ask(questions: list[dict], image_of, questions_file: str, answers_file: str, desc: str) -> dict:
-        """Writes the questions and the answers files; returns question_id -> answer."""
+    post = LLAVA_POST_PROMPT if config.post_prompt == "llava" else config.post_prompt
+
+    def ask(questions: list[dict], image_of, questions_file: str, answers_file: str, desc: str, add: str = "") -> dict:
+        """Writes the questions (as given) and the answers files; returns question_id -> answer. `add` goes on a
+        line after each question in the prompt only."""
         write_pope_file(questions, out / questions_file)
-        texts = answer([(q["image"], q["text"]) for q in questions], image_of, config.max_new_tokens, desc)
+        texts = answer([(q["image"], q["text"] + (f"\n{add}" if add else "")) for q in questions], image_of,
+                       config.max_new_tokens, desc)
         _write_jsonl([{"question_id": q["question_id"], "text": t} for q, t in zip(questions, texts)], out / answers_file)
         return {q["question_id"]: t for q, t in zip(questions, texts)}
 
     present_in = {img["file_name"]: present[img["id"]] for img in instances["images"]}
-    results = {"checkpoint": str(checkpoint), "pope": {}, "image_dependence": {}}
+    results = {"checkpoint": str(checkpoint), "pope": {}, "pope_rules": {}, "image_dependence": {}}
     for split, questions in pope.items():
-        said = ask(questions, from_folder, f"coco_pope_{split}.json", f"answers_{split}.jsonl", f"POPE {split}")
+        said = ask(questions, from_folder, f"coco_pope_{split}.json", f"answers_{split}.jsonl", f"POPE {split}", post)
         results["pope"][split] = score_pope(questions, said)
+        results["pope_rules"][split] = score_every_rule(questions, said)
         pairs = counter_questions(questions, present_in, config.seed)
-        counter = answer([(p["counter_image"], p["text"]) for p in pairs], from_folder, config.max_new_tokens,
+        counter = answer([(p["counter_image"], p["text"] + (f"\n{post}" if post else "")) for p in pairs], from_folder,
+                         config.max_new_tokens,
                          f"image dependence {split}")
         pairs = [{**p, "answer": said[p["question_id"]], "counter_answer": c,
                   "flipped": answer_to_label(said[p["question_id"]]) != answer_to_label(c)} for p, c in zip(pairs, counter)]

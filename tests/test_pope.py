@@ -223,3 +223,43 @@ def test_cli_build_then_score(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert failed.stderr.startswith("error: cannot read") and len(failed.stderr.strip().splitlines()) == 1
+
+
+RULE_CASES = [  # gold, answer, and how official / lmms_eval / vlmevalkit read it
+    ("yes", "Yes.", "yes", "other", "yes"),
+    ("yes", "yes", "yes", "yes", "yes"),
+    ("yes", "I don't see a dog.", "yes", "other", "other"),
+    ("yes", "No", "no", "no", "no"),
+    ("no", "No, there is no dog.", "no", "other", "no"),
+    ("no", "There is no dog.", "no", "other", "no"),
+    ("no", "Unknown", "yes", "other", "other"),
+    ("no", "yes", "yes", "yes", "yes"),
+    ("no", "no", "no", "no", "no"),
+    ("yes", "Yes, there is a dog.", "yes", "other", "yes"),
+]
+
+
+def test_one_answer_file_scored_under_the_three_common_rules(tmp_path, capsys):
+    from evals.pope import main, read_answer
+
+    for _, answer, *readings in RULE_CASES:
+        assert [read_answer(answer, rule) for rule in ("official", "lmms_eval", "vlmevalkit")] == readings, answer
+    questions = [{"question_id": i + 1, "image": "x.jpg", "text": "Is there a dog in the image?", "label": gold}
+                 for i, (gold, *_) in enumerate(RULE_CASES)]
+    write_pope_file(questions, tmp_path / "coco_pope_random.json")
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps({"question_id": i + 1, "text": answer}) + "\n"
+                                                    for i, (_, answer, *_) in enumerate(RULE_CASES)))
+    main(["score", "--questions", str(tmp_path / "coco_pope_random.json"), "--answers", str(tmp_path / "answers.jsonl"),
+          "--rule", "all"])
+    scored = json.loads(capsys.readouterr().out)
+    # official: TP 4 (1, 2, 3, 10), FN 1 (4), FP 2 (7, 8), TN 3 (5, 6, 9)
+    # lmms_eval: only bare yes/no count: TP 1 (2), FP 1 (8), FN 1 (4), TN 1 (9); 6 "other" answers are wrong
+    # vlmevalkit: TP 3 (1, 2, 10), FN 2 (3 unknown, 4), FP 1 (8), TN 3 (5, 6, 9); 2 unknown
+    expected = {"official": (4, 2, 3, 1, 0.7, 4 / 6, 4 / 5, 8 / 11, 0.6, 0),
+                "lmms_eval": (1, 1, 1, 1, 0.2, 1 / 2, 1 / 2, 1 / 2, 0.2, 6),
+                "vlmevalkit": (3, 1, 3, 2, 0.6, 3 / 4, 3 / 5, 2 / 3, 0.4, 2)}
+    for rule, (tp, fp, tn, fn, accuracy, precision, recall, f1, yes_ratio, other) in expected.items():
+        m = scored[rule]
+        assert (m["tp"], m["fp"], m["tn"], m["fn"], m["other"], m["n"]) == (tp, fp, tn, fn, other, 10), rule
+        assert [m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")] == pytest.approx(
+            [accuracy, precision, recall, f1, yes_ratio], abs=1e-12), rule

@@ -149,6 +149,29 @@ def test_eval_runner_writes_official_pope_files_answers_and_consistent_results(w
     assert json.loads((tmp_path / "results.json").read_text())["pope"] == results["pope"]
     markdown = (tmp_path / "results.md").read_text()
     assert "| split | accuracy |" in markdown and "(n=3," in markdown
+    for split in STRATEGIES:  # the same answers under the three common rules, the official one as above
+        assert set(results["pope_rules"][split]) == {"official", "lmms_eval", "vlmevalkit"}
+        assert results["pope_rules"][split]["official"] == results["pope"][split]
+    assert "| random | lmms_eval |" in markdown
+
+
+def test_post_prompt_goes_into_the_prompt_not_the_official_question_file(world, tmp_path, monkeypatch):
+    from evals.pope import LLAVA_POST_PROMPT
+    from evals.vlm_eval import GreedyAnswerer
+
+    asked = []
+    original = GreedyAnswerer.__call__
+
+    def recording(self, asks, *args, **kwargs):
+        asked.extend(text for _, text in asks)
+        return original(self, asks, *args, **kwargs)
+
+    monkeypatch.setattr(GreedyAnswerer, "__call__", recording)
+    run_eval(eval_config(world, tmp_path, post_prompt="llava", descriptions=0, dataset=None), progress=False)
+    pope_texts = [q["text"] for q in read_pope_file(tmp_path / "coco_pope_random.json")]
+    assert all(not t.endswith(LLAVA_POST_PROMPT) for t in pope_texts)  # the official file keeps the question
+    assert f"{pope_texts[0]}\n{LLAVA_POST_PROMPT}" in asked
+    assert all(t.endswith(LLAVA_POST_PROMPT) for t in asked)  # POPE and image-dependence prompts alike
 
 
 def test_qa_questions_and_scores_on_a_crafted_case():

@@ -168,6 +168,31 @@ def rejection_table(kept: list[dict]) -> str:
     return table(["type", "reason", "turns removed"], [[t, r, n] for (t, r), n in sorted(counts.items())])
 
 
+def exports_section(publish_counts: dict) -> list[str]:
+    """Every export with its rows per split and the line that loads it."""
+    exports = publish_counts.get("exports")
+    if not exports:
+        return []
+    splits = [s for s in ("train", "validation") if s in publish_counts]
+    rows = [["`hf/`", "Hugging Face DatasetDict", *(publish_counts[s]["records"] for s in splits),
+             "`datasets.load_from_disk('hf')`"],
+            ["`llava/`", "LLaVA JSON + images", *(publish_counts[s]["records"] for s in splits),
+             "`--data llava/train.json --image_folder llava` (LLaVA's train.py)"],
+            ["`trl_sft/`", "TRL SFT (images + messages)", *(exports["trl_sft"][s] for s in splits),
+             "`datasets.load_from_disk('trl_sft')['train']` -> `SFTTrainer(train_dataset=...)`"],
+            ["`trl_dpo/`", "TRL DPO grounding pairs", *(exports["trl_dpo"][s] for s in splits),
+             "`datasets.load_from_disk('trl_dpo')['train']` -> `DPOTrainer(train_dataset=...)`"],
+            ["`llamafactory/`", "LLaMA-Factory sharegpt", *(exports["llamafactory"][s] for s in splits),
+             "`dataset: visinstruct_train`, `dataset_dir: llamafactory` in the training YAML"]]
+    sources = exports.get("dpo_sources", {})
+    return ["## Exports", table(["folder", "format", *splits, "load"], rows),
+            "Preference pairs by source (`probe:<kind>`: the probe's answer against the opposite label; "
+            "`verifier:<reason>`: the program's answer against the teacher's rejected rewording):",
+            table(["source", "pairs"], [[k, v] for k, v in sources.items()]) if sources else "none",
+            f"{exports.get('rejected_turns_without_pair', 0)} rejected turns of conversation / detail / reasoning "
+            "records make no pair (there is no grounded answer to prefer)."]
+
+
 def write_dataset_card(run_dir: Path, manifest: dict, publish_counts: dict) -> Path:
     run_dir = Path(run_dir)
     entries = llava_entries(run_dir)
@@ -194,6 +219,7 @@ def write_dataset_card(run_dir: Path, manifest: dict, publish_counts: dict) -> P
         table(["split", "records", "images"], [[s, publish_counts[s]["records"], publish_counts[s]["images"]] for s in splits]),
         table(["type", "records"], [[t, n] for t, n in publish_counts.get("by_type", {}).items()]),
         f"{len(kept) - images} of {len(kept)} kept images have no record (none generated, or every turn rejected).",
+        *exports_section(publish_counts),
         "### Turns removed by the grounding verifier",
         rejection_table(kept),
         "## How the images were filtered",

@@ -6,6 +6,8 @@
 Writes, inside the run directory:
   hf/                      DatasetDict {train, validation} (save_to_disk); one row per LLaVA record
   llava/{train,validation}.json, llava/images/<uid>.<ext>   what LLaVA's training scripts read
+  trl_sft/, trl_dpo/, llamafactory/   TRL SFT rows, TRL DPO grounding-preference pairs, LLaMA-Factory
+                           sharegpt files (pipelines/exports.py)
   push.json                the last Hub push: status, repo, tag URL or the error sentence, attempts (never the
                            token); a version whose push failed is pushed again by the next run of its config
 Both keep each record's provenance as JSON text (a `negatives` record's `probe_labels` / `probe_kinds`
@@ -29,6 +31,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from evals.noise_eval import read_rows
+from pipelines.exports import write_exports
 from schemas.errors import UserError
 
 SPLITS = ("train", "validation")
@@ -114,7 +117,8 @@ def write_hf(rows_by_split: dict[str, list[dict]], out: Path) -> None:
     datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=empty)
 
 
-def write_llava(rows_by_split: dict[str, list[dict]], out: Path) -> None:
+def write_llava(rows_by_split: dict[str, list[dict]], out: Path) -> dict[str, str]:
+    """Writes llava/; returns uid -> the image's path under it."""
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     names: dict[str, str] = {}
@@ -128,6 +132,7 @@ def write_llava(rows_by_split: dict[str, list[dict]], out: Path) -> None:
             entries.append({"id": row["id"], "image": names[row["uid"]], "conversations": row["conversations"],
                             "provenance": row["provenance"]})  # extra keys are ignored by LLaVA's loader
         (out / f"{split}.json").write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+    return names
 
 
 def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int = 0) -> dict:
@@ -139,9 +144,13 @@ def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int 
     for row in rows:
         rows_by_split[split_of(row["uid"], seed, validation_fraction)].append(row)
     write_hf(rows_by_split, run_dir / "hf")
-    write_llava(rows_by_split, run_dir / "llava")
+    image_paths = write_llava(rows_by_split, run_dir / "llava")
     counts: dict = {split: {"records": len(r), "images": len({x["uid"] for x in r})} for split, r in rows_by_split.items()}
     counts["by_type"] = dict(sorted(Counter(r["type"] for r in rows).items()))
+    names = pq.read_schema(sorted((run_dir / "records").glob("*.parquet"))[0]).names
+    extras = {r["uid"]: r for r in read_rows(run_dir / "records", ["uid"] + [c for c in ("probes", "rejected_turns")
+                                                                          if c in names])}
+    counts["exports"] = write_exports(run_dir, rows_by_split, image_paths, extras)
     return counts
 
 

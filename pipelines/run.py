@@ -210,6 +210,7 @@ class RunDirectory:
         print(format_summary(manifest))
         print(f"Hugging Face dataset: {self.final / 'hf'}  (datasets.load_from_disk)")
         print(f"LLaVA export: {self.final / 'llava'}")
+        print(f"TRL SFT / DPO and LLaMA-Factory exports: {self.final}/{{trl_sft,trl_dpo,llamafactory}} (the card says how each loads)")
         if self.config.publish.push_to_hub:  # publish.hub_repo is checked with the config, before crawling
             self.push()
         return manifest

@@ -1,0 +1,159 @@
+"""The formats users train with, written by `pipelines.publish` next to `hf/` and `llava/`:
+
+  trl_sft/       DatasetDict {train, validation} (save_to_disk): `images` (one image) and `messages` with
+                 content parts ({"type": "image"} / {"type": "text", "text": ...}), roles user / assistant:
+                 what TRL's SFTTrainer takes for vision-language models.
+  trl_dpo/       DatasetDict {train, validation}: `images`, `prompt` (the user turn), `chosen`, `rejected`
+                 (one assistant turn each), `source`, `id`: grounding preference pairs for TRL's DPOTrainer.
+  llamafactory/  {train,validation}.json (sharegpt: `messages` + `images`, paths relative to the folder)
+                 and `dataset_info.json`, the entry LLaMA-Factory needs (`dataset_dir: <this folder>`).
+
+Preference pairs come from what only this pipeline knows:
+  probe:<kind>          every probe turn: chosen = its published answer (the program's label, or the teacher's
+                        verified rewording), rejected = the same claim with the opposite label ("Yes, there is
+                        a dog in the image." for an absent dog; "Yes, there are three cups ..." for two).
+  verifier:<reason>     every rewording the grounding verifier rejected (an absent object asserted, a present
+                        one denied, the label flipped ...): rejected = the teacher's answer, chosen = the
+                        program's answer that replaced it.
+A rejected turn of a conversation / detail / reasoning record has no grounded answer to prefer, so it
+makes no pair; the card counts them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from schemas.records import IMAGE_TOKEN
+
+EXPORTS = ("trl_sft", "trl_dpo", "llamafactory")
+ROLE = {"human": "user", "gpt": "assistant"}
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _image_part() -> dict:
+    return {"type": "image", "text": None}
+
+
+def sft_messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns -> chat messages with content parts; the image part where `<image>` stood."""
+    messages = []
+    for turn in conversations:
+        text = turn["value"]
+        parts = []
+        if IMAGE_TOKEN in text:
+            parts.append(_image_part())
+            text = text.replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "")
+        messages.append({"role": ROLE[turn["from"]], "content": parts + [_text_part(text)]})
+    return messages
+
+
+def opposite_answer(probe: dict) -> str:
+    """The probe's claim with the opposite label, in the program's own phrasing."""
+    from generators.vocabulary import be, noun_phrase
+
+    name, question = probe["category"], probe["question"]
+    if probe["label"] == "yes":
+        return f"No, there {be(name)} no {name} in the image."
+    if probe["kind"] == "count":  # "Are there three cups in the image?" -> "Yes, there are three cups in the image."
+        return f"Yes, there are {question.removeprefix('Are there ').removesuffix(' in the image?')} in the image."
+    if probe["kind"] == "position":  # "Is the cup on the right side of the image?"
+        side = "right" if " right " in question else "left"
+        return f"Yes, the {name} {be(name)} on the {side} side of the image."
+    return f"Yes, there {be(name)} {noun_phrase(name, 1)} in the image."
+
+
+def _question(turn: dict) -> str:
+    return turn["value"].replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "")
+
+
+def dpo_pairs(row: dict, probes: list[dict], rejected_turns: list[dict]) -> list[dict]:
+    """Preference pairs of one published `negatives` row (module docstring)."""
+    if row["type"] != "negatives":
+        return []
+    turns = row["conversations"]
+    answers = {_question(turns[i]): turns[i + 1]["value"] for i in range(0, len(turns) - 1, 2)}
+    by_question = {p["question"]: p for p in probes}
+    pairs = []
+
+    def pair(question: str, chosen: str, rejected: str, source: str) -> None:
+        pairs.append({"id": f"{row['id']}-{len(pairs)}", "uid": row["uid"], "source": source,
+                      "prompt": [{"role": "user", "content": [_image_part(), _text_part(question)]}],
+                      "chosen": [{"role": "assistant", "content": [_text_part(chosen)]}],
+                      "rejected": [{"role": "assistant", "content": [_text_part(rejected)]}]})
+
+    for question, answer in answers.items():
+        if question in by_question:
+            probe = by_question[question]
+            pair(question, answer, opposite_answer(probe), f"probe:{probe['kind']}")
+    for turn in rejected_turns:
+        if turn["type"] == "negatives" and turn["question"] in answers:
+            pair(turn["question"], answers[turn["question"]], turn["answer"], f"verifier:{turn['reason'].split(':')[0]}")
+    return pairs
+
+
+def _features(kind: str):
+    import datasets
+
+    part = {"type": datasets.Value("string"), "text": datasets.Value("string")}
+    message = {"role": datasets.Value("string"), "content": [part]}
+    common = {"id": datasets.Value("string"), "images": datasets.Sequence(datasets.Image())}
+    if kind == "trl_sft":
+        return datasets.Features({**common, "messages": [message], "type": datasets.Value("string")})
+    return datasets.Features({**common, "uid": datasets.Value("string"), "source": datasets.Value("string"),
+                              "prompt": [message], "chosen": [message], "rejected": [message]})
+
+
+def _save(rows_by_split: dict[str, list[dict]], kind: str, out: Path) -> None:
+    import datasets
+
+    features = _features(kind)
+    splits = {split: datasets.Dataset.from_dict({name: [r[name] for r in rows] for name in features}, features=features)
+              for split, rows in rows_by_split.items()}
+    shutil.rmtree(out, ignore_errors=True)
+    empty = {split: 1 for split, rows in rows_by_split.items() if not rows}  # load_from_disk needs a shard
+    datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=empty)
+
+
+def llamafactory_entry(split: str) -> dict:
+    return {"file_name": f"{split}.json", "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+
+
+def write_exports(run_dir: Path, rows_by_split: dict[str, list[dict]], image_paths: dict[str, str],
+                  extras: dict[str, dict]) -> dict:
+    """Writes the three exports; `image_paths`: uid -> the image's path under llava/, `extras`: uid -> {probes,
+    rejected_turns} of its record. Returns rows per export and split, and pairs per source."""
+    sft = {split: [{"id": r["id"], "images": [r["image"]], "messages": sft_messages(r["conversations"]),
+                    "type": r["type"]} for r in rows] for split, rows in rows_by_split.items()}
+    dpo, sources, unpaired = {}, Counter(), 0
+    for split, rows in rows_by_split.items():
+        dpo[split] = []
+        for r in rows:
+            extra = extras.get(r["uid"], {})
+            for p in dpo_pairs(r, json.loads(extra.get("probes") or "[]"), json.loads(extra.get("rejected_turns") or "[]")):
+                dpo[split].append({**p, "images": [r["image"]]})
+                sources[p["source"]] += 1
+    for extra in extras.values():
+        unpaired += sum(t["type"] != "negatives" for t in json.loads(extra.get("rejected_turns") or "[]"))
+    _save(sft, "trl_sft", run_dir / "trl_sft")
+    _save(dpo, "trl_dpo", run_dir / "trl_dpo")
+
+    folder = run_dir / "llamafactory"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    info = {}
+    for split, rows in rows_by_split.items():
+        entries = [{"messages": [{"role": ROLE[t["from"]], "content": t["value"]} for t in r["conversations"]],
+                    "images": [f"../llava/{image_paths[r['uid']]}"]} for r in rows]
+        (folder / f"{split}.json").write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+        info[f"visinstruct_{split}"] = llamafactory_entry(split)
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    return {"trl_sft": {s: len(r) for s, r in sft.items()}, "trl_dpo": {s: len(r) for s, r in dpo.items()},
+            "llamafactory": {s: len(r) for s, r in rows_by_split.items()},
+            "dpo_sources": dict(sorted(sources.items())), "rejected_turns_without_pair": unpaired}

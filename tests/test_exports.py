@@ -1,0 +1,116 @@
+"""The exports of a published version (pipelines/exports.py), read from what the demo run really published
+(conftest's demo_run: the real crawl, probes, teacher, verifier and publish), each with its consumer's code:
+TRL's own dataset utilities for the TRL exports, LLaMA-Factory's documented sharegpt schema for its files.
+
+Not run here: a 1-step SFTTrainer / DPOTrainer, which for vision-language data needs a transformers
+vision-language model class and its processor (our VLM is neither), and LLaMA-Factory's own loader, whose
+package pins its own transformers / peft / trl versions and is not part of this project's environment."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from filters.yes_no import answer_to_label
+from tests.test_trainer import tiny_tokenizer
+
+# Content parts as Qwen2-VL / LLaVA processors render them; SFT and DPO rows go through TRL with it.
+PARTS_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {% for p in m['content'] %}"
+                  "{% if p['type'] == 'image' %}<image> {% else %}{{ p['text'] }} {% endif %}{% endfor %}<eos> "
+                  "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def version(demo_run):
+    return demo_run["final"], demo_run["manifest"]["counts"]["published"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = PARTS_TEMPLATE
+    return tok
+
+
+def test_trl_sft_rows_load_and_render_with_trls_utilities(version, tokenizer):
+    import datasets
+    from trl.data_utils import apply_chat_template, is_conversational
+
+    final, counts = version
+    sft = datasets.load_from_disk(str(final / "trl_sft"))
+    llava = {split: json.loads((final / "llava" / f"{split}.json").read_text()) for split in ("train", "validation")}
+    assert {s: len(sft[s]) for s in sft} == counts["exports"]["trl_sft"] == {s: len(llava[s]) for s in llava}
+    for row, entry in zip(sft["train"], llava["train"]):
+        assert row["id"] == entry["id"] and is_conversational(row)
+        assert len(row["images"]) == 1 and row["images"][0].size[0] > 0  # a decodable image
+        user, assistant = row["messages"][0], row["messages"][1]
+        assert user["role"] == "user" and user["content"][0]["type"] == "image"
+        assert user["content"][1]["text"] == entry["conversations"][0]["value"].replace("<image>\n", "")
+        assert assistant["content"][0]["text"] == entry["conversations"][1]["value"]
+        rendered = apply_chat_template({"messages": row["messages"]}, tokenizer)["text"]
+        assert rendered.startswith("<|user|> <image> ") and rendered.count("<|assistant|>") == len(row["messages"]) // 2
+
+
+def test_trl_dpo_pairs_prefer_the_grounded_answer_and_say_where_they_come_from(version, tokenizer):
+    import datasets
+    from trl.data_utils import apply_chat_template, is_conversational
+
+    final, counts = version
+    dpo = datasets.load_from_disk(str(final / "trl_dpo"))
+    assert {s: len(dpo[s]) for s in dpo} == counts["exports"]["trl_dpo"]
+    pairs = [row for split in dpo for row in dpo[split]]
+    sources = {}
+    for row in pairs:
+        sources[row["source"]] = sources.get(row["source"], 0) + 1
+    assert sources == counts["exports"]["dpo_sources"]
+    records = {r["id"]: r for split in ("train", "validation")
+               for r in json.loads((final / "llava" / f"{split}.json").read_text())}
+    rejected_by_verifier = 0
+    for row in pairs:
+        assert is_conversational(row) and row["prompt"][0]["content"][0]["type"] == "image"
+        question = row["prompt"][0]["content"][1]["text"]
+        chosen, rejected = row["chosen"][0]["content"][0]["text"], row["rejected"][0]["content"][0]["text"]
+        turns = records[row["id"].rsplit("-", 1)[0]]["conversations"]
+        published = {t["value"].replace("<image>\n", ""): a["value"] for t, a in zip(turns[::2], turns[1::2])}
+        assert published[question] == chosen  # the chosen answer is the one the version publishes
+        if row["source"].startswith("probe:"):
+            assert answer_to_label(rejected) != answer_to_label(chosen), (question, chosen, rejected)
+        else:
+            rejected_by_verifier += 1
+            assert rejected != chosen
+        text = apply_chat_template({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]},
+                                   tokenizer)
+        assert text["prompt"].endswith("<|assistant|> ") and chosen in text["chosen"] and rejected in text["rejected"]
+    probe_turns = sum(len(r["conversations"]) // 2 for r in records.values() if json.loads(r["provenance"]).get("probe_labels"))
+    assert sum(n for s, n in sources.items() if s.startswith("probe:")) == probe_turns > 0  # one pair per probe turn
+    assert rejected_by_verifier == sum(n for s, n in sources.items() if s.startswith("verifier:"))
+
+
+def test_llamafactory_files_follow_its_sharegpt_schema(version):
+    final, counts = version
+    folder = final / "llamafactory"
+    info = json.loads((folder / "dataset_info.json").read_text())
+    assert set(info) == {"visinstruct_train", "visinstruct_validation"}
+    for split, entry in (("train", info["visinstruct_train"]), ("validation", info["visinstruct_validation"])):
+        assert entry == {"file_name": f"{split}.json", "formatting": "sharegpt",
+                         "columns": {"messages": "messages", "images": "images"},
+                         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                  "assistant_tag": "assistant"}}
+        rows = json.loads((folder / entry["file_name"]).read_text())
+        assert len(rows) == counts["exports"]["llamafactory"][split] == counts[split]["records"]
+        for row in rows:
+            roles = [m["role"] for m in row["messages"]]
+            assert roles == ["user", "assistant"] * (len(roles) // 2)
+            # LLaMA-Factory checks that the <image> placeholders match the images, and reads them from dataset_dir
+            assert sum(m["content"].count("<image>") for m in row["messages"]) == len(row["images"]) == 1
+            assert (folder / row["images"][0]).is_file()
+
+
+def test_the_card_lists_every_export_with_its_rows_and_how_to_load_it(version):
+    final, counts = version
+    card = (final / "README.md").read_text()
+    for folder, rows in (("trl_sft", counts["exports"]["trl_sft"]), ("trl_dpo", counts["exports"]["trl_dpo"]),
+                         ("llamafactory", counts["exports"]["llamafactory"])):
+        line = next(line for line in card.splitlines() if line.startswith(f"| `{folder}/`"))
+        assert f"| {rows['train']} | {rows['validation']} |" in line
+        assert "load_from_disk" in line or "dataset_dir" in line

@@ -231,7 +231,7 @@ def write_dataset_card(run_dir: Path, manifest: dict, publish_counts: dict) -> P
         table(["field", "value"], [["model", teacher.get("model", "?")], ["prompt version", teacher.get("prompt_version", "?")]]
               + [[f"usage.{k}", v] for k, v in (teacher.get("usage") or {}).items()]),
     ]
-    for title, figures in (("Grounding evaluation", manifest.get("grounding_eval")),
+    for title, figures in (("Grounding evaluation", counts.get("grounding_eval")),  # where the run writes it
                            ("Noise evaluation", counts.get("noise_eval"))):
         if figures:
             parts += [f"## {title}", table(["figure", "value"], flatten(figures))]

@@ -115,8 +115,9 @@ class ObjectsConfig(_Section):
 
     annotations: list[str] = Field(default_factory=list, description="COCO instances JSON files, matched by file name")
     vocabulary: list[str] | None = Field(default=None, description="tagging vocabulary; default: the 80 COCO categories")
-    # The sample CLIP's best-F1 cutoff for 'a photo of a {category}' against the world's val annotations
-    # (`python -m evals.tagging_eval` re-fits it); other CLIPs need their own.
+    # The sample CLIP's best-F1 cutoff for 'a photo of a {category}' against the world's annotations (a run with
+    # evaluate.ground_truth reports the best-F1 threshold in its manifest, counts.grounding_eval.tagging);
+    # other CLIPs need their own.
     tag_threshold: float = Field(default=0.3, ge=-1.0, le=1.0)
     max_tags: int = Field(default=6, ge=1)
 

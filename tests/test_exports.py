@@ -106,9 +106,12 @@ def test_llamafactory_files_follow_its_sharegpt_schema(version):
             assert (folder / row["images"][0]).is_file()
 
 
-def test_the_card_lists_every_export_with_its_rows_and_how_to_load_it(version):
+def test_the_card_lists_every_export_with_its_rows_and_how_to_load_it(version, demo_run):
     final, counts = version
     card = (final / "README.md").read_text()
+    grounding = demo_run["manifest"]["counts"]["grounding_eval"]  # the demo run measures it against the world's truth
+    assert "## Grounding evaluation" in card and grounding
+    assert f"| answers | {grounding['answers']} |" in card
     for folder, rows in (("trl_sft", counts["exports"]["trl_sft"]), ("trl_dpo", counts["exports"]["trl_dpo"]),
                          ("llamafactory", counts["exports"]["llamafactory"])):
         line = next(line for line in card.splitlines() if line.startswith(f"| `{folder}/`"))

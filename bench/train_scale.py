@@ -18,6 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+from infra.local_cluster import LOOPBACK_ONLY_ENV
+
+os.environ.update(LOOPBACK_ONLY_ENV)  # the driver attaches to the 127.0.0.1-only head (infra/local_cluster.py)
 import statistics
 import tempfile
 import time

@@ -39,20 +39,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.recipe_quick import value  # key=value arguments, as the recipe probes read them
 from evals.pope import STRATEGIES, build_pope_questions, load_instances, objects_per_image
 
 WORLD = Path("data/world")
 OUT = Path("outputs/grounding_probe")
 RESULTS = Path(__file__).resolve().parent / "results" / "grounding_probe.json"
-
-
-def value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def autocast():

@@ -215,25 +215,27 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
 
     post = LLAVA_POST_PROMPT if config.post_prompt == "llava" else config.post_prompt
 
-    def ask(questions: list[dict], image_of, questions_file: str, answers_file: str, desc: str, add: str = "") -> dict:
-        """Writes the questions (as given) and the answers files; returns question_id -> answer. `add` goes on a
-        line after each question in the prompt only."""
+    def pope_prompt(question: str) -> str:
+        """The POPE question as asked: the post prompt on a line after it (the question files keep the text)."""
+        return f"{question}\n{post}" if post else question
+
+    def ask(questions: list[dict], image_of, questions_file: str, answers_file: str, desc: str,
+            prompt=lambda text: text) -> dict:
+        """Writes the questions (as given) and the answers files; returns question_id -> answer."""
         write_pope_file(questions, out / questions_file)
-        texts = answer([(q["image"], q["text"] + (f"\n{add}" if add else "")) for q in questions], image_of,
-                       config.max_new_tokens, desc)
+        texts = answer([(q["image"], prompt(q["text"])) for q in questions], image_of, config.max_new_tokens, desc)
         _write_jsonl([{"question_id": q["question_id"], "text": t} for q, t in zip(questions, texts)], out / answers_file)
         return {q["question_id"]: t for q, t in zip(questions, texts)}
 
     present_in = {img["file_name"]: present[img["id"]] for img in instances["images"]}
     results = {"checkpoint": str(checkpoint), "pope": {}, "pope_rules": {}, "image_dependence": {}}
     for split, questions in pope.items():
-        said = ask(questions, from_folder, f"coco_pope_{split}.json", f"answers_{split}.jsonl", f"POPE {split}", post)
+        said = ask(questions, from_folder, f"coco_pope_{split}.json", f"answers_{split}.jsonl", f"POPE {split}", pope_prompt)
         results["pope"][split] = score_pope(questions, said)
         results["pope_rules"][split] = score_every_rule(questions, said)
         pairs = counter_questions(questions, present_in, config.seed)
-        counter = answer([(p["counter_image"], p["text"] + (f"\n{post}" if post else "")) for p in pairs], from_folder,
-                         config.max_new_tokens,
-                         f"image dependence {split}")
+        counter = answer([(p["counter_image"], pope_prompt(p["text"])) for p in pairs], from_folder,
+                         config.max_new_tokens, f"image dependence {split}")
         pairs = [{**p, "answer": said[p["question_id"]], "counter_answer": c,
                   "flipped": answer_to_label(said[p["question_id"]]) != answer_to_label(c)} for p, c in zip(pairs, counter)]
         _write_jsonl(pairs, out / f"image_dependence_{split}.jsonl")

@@ -40,6 +40,18 @@ class TokenBudget:
     def dropped_share(self) -> float:
         return sum(self.dropped.values()) / max(1, self.samples)
 
+    def fits(self, max_dropped_share: float) -> bool:
+        """Whether training may start: something is kept and at most `max_dropped_share` is dropped."""
+        return bool(self.kept) and self.dropped_share <= max_dropped_share
+
+    def too_much_dropped(self, max_dropped_share: float, saved_to: Path) -> UserError:
+        """The one sentence for a budget that does not fit."""
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items()))
+        return UserError(f"{sum(self.dropped.values())} of {self.samples} samples ({self.dropped_share:.1%}) would be "
+                         f"cut or cannot be trained at max_length={self.max_length} ({reasons}), more than "
+                         f"max_dropped_share={max_dropped_share:.1%}; raise max_length or fix those samples "
+                         f"(their ids: {saved_to}).")
+
     def summary(self) -> str:
         line = f"token budget: {len(self.kept)} of {self.samples} samples fit max_length={self.max_length}"
         if self.dropped:
@@ -77,14 +89,3 @@ def check_token_budget(rows, encoder: ConversationEncoder) -> TokenBudget:
             budget.kept.append(index)
             budget.lengths.append(min(footprint.length, encoder.max_length))
     return budget
-
-
-def enforce(budget: TokenBudget, max_dropped_share: float, saved_to: Path) -> None:
-    """One sentence when more than `max_dropped_share` of the samples would be dropped (or none is left)."""
-    if budget.kept and budget.dropped_share <= max_dropped_share:
-        return
-    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(budget.dropped.items()))
-    raise UserError(f"{sum(budget.dropped.values())} of {budget.samples} samples ({budget.dropped_share:.1%}) would be "
-                    f"cut or cannot be trained at max_length={budget.max_length} ({reasons}), more than "
-                    f"max_dropped_share={max_dropped_share:.1%}; raise max_length or fix those samples "
-                    f"(their ids: {saved_to}).")

@@ -29,7 +29,7 @@ from trainer.checkpoint import (CHECKPOINTS, build_vlm, check_architecture, chec
                                 set_rng_states)
 from trainer.config import TrainConfig, autocast, save_config
 from trainer.conversation import IGNORE, ConversationEncoder
-from trainer.budget import check_token_budget, enforce
+from trainer.budget import check_token_budget
 from trainer.distributed import ShardOf, global_sum, rank_and_size, wrap
 from trainer.data import Collate, EpochOrder, LengthGroupedOrder, RowView, TrainingSamples, open_rows
 from trainer.language_model import pad_token_id
@@ -76,10 +76,10 @@ class Trainer:
         encoder = ConversationEncoder(self.vlm.tokenizer, self.vlm.image_token_id, self.vlm.num_patches,
                                       self.spec.render, config.max_length)
         self.budget = check_token_budget(rows, encoder)  # nothing is trained cut: see trainer/budget.py
-        if self.budget.dropped_share > config.max_dropped_share or not self.budget.kept:
+        if not self.budget.fits(config.max_dropped_share):
             if self.rank == 0:
                 self.budget.save(self.out / "token_budget.json")
-            enforce(self.budget, config.max_dropped_share, self.out / "token_budget.json")
+            raise self.budget.too_much_dropped(config.max_dropped_share, self.out / "token_budget.json")
         rows = RowView(rows, self.budget.kept)
         self.samples = TrainingSamples(rows, encoder, self.vlm.vision_tower.preprocess)
         self.collate = Collate(pad_token_id(self.vlm.tokenizer), self.vlm.vision_tower.image_size)

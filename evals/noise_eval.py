@@ -7,6 +7,8 @@ world's noise manifest (which no stage reads).
   group; a group that reached dedup with both members is caught when dedup dropped one of them
   as a duplicate of the other. Predictions are rows dedup dropped; one is right when the uid it
   names is in the same group.
+- eval overlap (when the eval-leak guard ran): planted copies of held-out images (`eval_copy`) that
+  reached the guard; a removal is right when it names that copy's own held-out image.
 """
 from __future__ import annotations
 
@@ -48,4 +50,23 @@ def evaluate_against_noise(noise_manifest: Path, records_dir: Path, dropped_dir:
     caught = {frozenset(p) for p in correct}
     duplicates = {"groups": len(live_groups), "predicted": len(dedup_drops), "true_positives": len(correct),
                   "precision": _ratio(len(correct), len(dedup_drops)), "recall": _ratio(len(caught), len(live_groups))}
-    return {"mismatched_captions": mismatch, "duplicates": duplicates}
+    figures = {"mismatched_captions": mismatch, "duplicates": duplicates}
+    if "eval_guard" in stage_order:
+        figures["eval_overlap"] = _eval_overlap(noise, kept, dropped, stage_order[stage_order.index("eval_guard"):])
+    return figures
+
+
+def _eval_overlap(noise: dict, kept: list[dict], dropped: list[dict], guard_on: list[str]) -> dict:
+    """Planted copies of held-out images (`eval_copy`, detail `<how>:<val file name>`) that reached the guard;
+    a removal is right when it names the copy's own held-out image."""
+    reached = {r["url"] for r in kept} | {r["url"] for r in dropped if r["stage"] in guard_on}
+    copies = {u: r["detail"].split(":", 1) for u, r in noise.items() if r["kind"] == "eval_copy" and u in reached}
+    removed = {r["url"]: r["reason"].split(":", 1)[1] for r in dropped if r["stage"] == "eval_guard"}
+    right = {u for u, source in removed.items() if u in copies and copies[u][1] == source}
+    per_kind = {}
+    for how in sorted({how for how, _ in copies.values()}):
+        planted = [u for u, (kind, _) in copies.items() if kind == how]
+        per_kind[how] = {"planted": len(planted), "removed": sum(u in right for u in planted)}
+    return {"positives": len(copies), "predicted": len(removed), "true_positives": len(right),
+            "precision": _ratio(len(right), len(removed)), "recall": _ratio(len(right), len(copies)),
+            "by_copy": per_kind}

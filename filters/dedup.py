@@ -31,7 +31,7 @@ BORDER_PROBES = 2
 BLOCK = 32_768  # rows per assignment / verification block: a [BLOCK, k] float32 score matrix
 
 
-def _faiss():
+def load_faiss():
     try:
         import faiss
     except ImportError as err:  # pragma: no cover - faiss-cpu is a dependency
@@ -39,8 +39,18 @@ def _faiss():
     return faiss
 
 
-def _use_gpu(faiss) -> bool:
+def faiss_uses_gpu(faiss) -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def flat_index(x: np.ndarray):
+    """An exact inner-product FAISS index holding x [N, D] float32; on the GPU when faiss-gpu sees one."""
+    faiss = load_faiss()
+    index = faiss.IndexFlatIP(x.shape[1])
+    if faiss_uses_gpu(faiss):
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(x)
+    return index
 
 
 @dataclass
@@ -79,21 +89,17 @@ class NearDuplicateIndex:
         return self._clustered_pairs(embeddings, rows)
 
     def _exact_pairs(self, x: np.ndarray) -> list[tuple[int, int]]:
-        faiss = _faiss()
-        index = faiss.IndexFlatIP(x.shape[1])
-        if _use_gpu(faiss):
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        index.add(x)
+        index = flat_index(x)
         lims, _, neighbours = index.range_search(x, 1.0 - self.config.eps)
         pairs = {(i, int(j)) for i in range(len(x)) for j in neighbours[lims[i]:lims[i + 1]] if j > i}
         return sorted(pairs)
 
     def _clustered_pairs(self, embeddings: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
-        faiss = _faiss()
+        faiss = load_faiss()
         radius = 2.0 * self.config.eps * 1.01  # squared L2 at cosine 1 - eps; 1% slack for float32 (verified below)
         z = _project(faiss, embeddings, rows, min(PROJECTED_DIM, embeddings.shape[1]))  # [n, d_z]
         k = self.config.num_clusters or max(1, int(math.sqrt(len(rows))))
-        kmeans = faiss.Kmeans(z.shape[1], k, niter=10, seed=1234, gpu=_use_gpu(faiss),
+        kmeans = faiss.Kmeans(z.shape[1], k, niter=10, seed=1234, gpu=faiss_uses_gpu(faiss),
                               max_points_per_centroid=64)  # fit on a sample: enough to place centroids
         kmeans.train(z)
         nearest, border, border_cluster = _assign(z, kmeans.centroids, half_width=math.sqrt(radius) / 2)

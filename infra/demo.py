@@ -41,10 +41,12 @@ def submit_command(config_path: str, overrides: list[str]) -> list[str]:
 
 
 def world_overrides(world_dir: Path) -> list[str]:
-    """The settings that point a run at a rendered sample world: its URL list, annotations and noise manifest."""
+    """The settings that point a run at a rendered sample world: its URL list, annotations and noise manifest, and
+    its held-out images as the eval-leak guard's references (the proof evaluates on them)."""
     instances = world_dir / "annotations" / "instances_train.json"
     return [f"crawl.url_list={world_dir / 'urls.parquet'}", f"objects.annotations=[{instances}]",
-            f"evaluate.noise_manifest={world_dir / 'noise_manifest.parquet'}", f"evaluate.ground_truth=[{instances}]"]
+            f"evaluate.noise_manifest={world_dir / 'noise_manifest.parquet'}", f"evaluate.ground_truth=[{instances}]",
+            f"eval_guard.folders=[{world_dir / 'images' / 'val'}]"]
 
 
 # Lines of the job's output that are ours (progress and errors), shown in the terminal; Ray's INFO logging,

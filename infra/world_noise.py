@@ -4,8 +4,10 @@
 
 Noise, recorded per URL in `noise_manifest.parquet` (read by evaluations only, never by the
 pipeline): captions swapped with another image's, near-duplicates (jittered, cropped,
-re-encoded re-renders), exact duplicates, empty and 5000-character garbage captions, and
-hostile URLs (404, 500, slow, HTML as image, truncated JPEG, decompression bomb, redirect loop).
+re-encoded re-renders), exact duplicates, empty and 5000-character garbage captions, hostile
+URLs (404, 500, slow, HTML as image, truncated JPEG, decompression bomb, redirect loop), and
+copies of held-out (val) images — exact, re-encoded and cropped — that the eval-leak guard must
+catch (kind `eval_copy`, detail `<how>:<val file name>`).
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ HOSTILE_URLS = {  # kind -> path pattern
 SWAP_FRACTION = 0.12  # issue target: >= 10%
 NEAR_DUP_FRACTION = 0.05
 EXACT_DUP_FRACTION = 0.02
+EVAL_COPY = "eval_copy"  # a held-out image leaked into the training URL list
+EVAL_COPY_FRACTION = 0.5  # of the val images, split evenly over EVAL_COPY_KINDS
+EVAL_COPY_KINDS = ("exact", "reencoded", "cropped")
+EVAL_CROP = 0.05  # a cropped copy loses this share of each side's length, split at random between its two edges
 
 
 def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
@@ -70,6 +76,32 @@ def near_duplicate(layout, rng: np.random.Generator) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=int(rng.integers(70, 86)))
     return buffer.getvalue()
+
+
+def eval_copy(data: bytes, how: str, rng: np.random.Generator) -> bytes:
+    """A held-out image as a leak would bring it: the same bytes, re-encoded as JPEG at another quality, or
+    cropped by EVAL_CROP of each side (kept at its cropped size) and re-encoded."""
+    if how == "exact":
+        return data
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if how == "cropped":
+        w, h = image.size
+        mx, my = int(w * EVAL_CROP), int(h * EVAL_CROP)
+        left, top = int(rng.integers(0, mx + 1)), int(rng.integers(0, my + 1))
+        image = image.crop((left, top, w - (mx - left), h - (my - top)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(rng.integers(55, 81)))
+    return buffer.getvalue()
+
+
+def _load_val(world_dir: Path) -> tuple[list[dict], dict[int, list[str]]]:
+    path = world_dir / "annotations" / "instances_val.json"
+    if not path.exists():
+        return [], {}
+    captions: dict[int, list[str]] = {}
+    for c in json.loads((world_dir / "annotations" / "captions_val.json").read_text())["annotations"]:
+        captions.setdefault(c["image_id"], []).append(c["caption"])
+    return sorted(json.loads(path.read_text())["images"], key=lambda im: im["id"]), captions
 
 
 def _load_train(world_dir: Path) -> tuple[list[dict], dict[int, list[str]]]:
@@ -118,6 +150,16 @@ def build_url_list(world_dir: Path, base_url: str, seed: int) -> dict:
         (noise_dir / name).write_bytes((world_dir / rows[i]["path"]).read_bytes())
         rows.append({"path": f"noise/{name}", "caption": rows[i]["caption"], "kind": "exact_duplicate",
                      "detail": rows[i]["path"], "image_id": im["id"]})
+
+    val, val_captions = _load_val(world_dir)
+    leaked = [val[i] for i in rng.permutation(len(val))[: int(len(val) * EVAL_COPY_FRACTION)]]
+    for k, im in enumerate(leaked):
+        how = EVAL_COPY_KINDS[k % len(EVAL_COPY_KINDS)]
+        name = f"eval_{how}_{im['id']:012d}.jpg"
+        data = (world_dir / "images" / "val" / im["file_name"]).read_bytes()
+        (noise_dir / name).write_bytes(eval_copy(data, how, rng))
+        rows.append({"path": f"noise/{name}", "caption": str(rng.choice(val_captions[im["id"]])), "kind": EVAL_COPY,
+                     "detail": f"{how}:{im['file_name']}", "image_id": im["id"]})
 
     sample = (world_dir / rows[clean[0]]["path"]).read_bytes()
     (fault_dir / "slow.jpg").write_bytes(sample)

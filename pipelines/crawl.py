@@ -139,7 +139,7 @@ def read_shard(shards_dir: Path, shard_id: int, url_list: Path) -> list[ImageRec
             records.append(record.dropped(STAGE, "crawl_error:shard did not finish; re-run to resume it"))
             continue
         if crawled["status"] == "success" and crawled["_shard"] not in images:
-            images[crawled["_shard"]] = _tar_images(crawled["_shard"].with_suffix(".tar"))
+            images[crawled["_shard"]] = tar_images(crawled["_shard"].with_suffix(".tar"))
         image = images.get(crawled["_shard"], {}).get(crawled["key"])
         if crawled["status"] == "success" and image is not None:
             records.append(record.model_copy(update={"key": crawled["key"], "sha256": crawled["sha256"], "image": image}))
@@ -149,7 +149,8 @@ def read_shard(shards_dir: Path, shard_id: int, url_list: Path) -> list[ImageRec
     return records
 
 
-def _tar_images(path: Path) -> dict[str, bytes]:
+def tar_images(path: Path) -> dict[str, bytes]:
+    """key -> image bytes of one img2dataset webdataset shard (its .txt and .json members left out)."""
     if not path.exists():
         return {}
     images = {}

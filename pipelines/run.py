@@ -30,6 +30,7 @@ from generators.teacher import TeacherUsage, check_reachable
 from pipelines.dataset_card import write_dataset_card
 from pipelines.cli import disk_full_error, disk_full_is_user_error, no_space_sentence
 from pipelines.publish import publish_dataset, push_record, push_version
+from pipelines.references import check_references
 from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, read_url_list, warn_unreachable_hosts, with_uids, write_url_list
 from schemas.config import PipelineConfig, save_config
@@ -152,13 +153,14 @@ class RunDirectory:
         return self.work / "shards"
 
     def prepare(self, probe_hosts: bool = True) -> int:
-        """Checks the URL list, the CLIP weights, the annotation files and then (over the network) that the
+        """Checks the URL list, the CLIP weights, the annotation files, the eval-guard references and then (over the network) that the
         list's hosts answer, all before anything is written or crawled; then creates the work directory with the
         resolved config and the uid'ed URL list; returns the row count."""
         crawl = self.config.crawl
         table = with_uids(read_url_list(crawl.url_list))  # the job's input is reported first
         resolve_weights(self.config.clip)  # a bad model name or checkpoint fails here, not inside a worker
         check_annotations(self.config.objects.annotations + self.config.evaluate.ground_truth)
+        check_references(self.config.eval_guard)
         warn_unreachable_hosts(table, crawl.preflight_hosts if probe_hosts else 0, frozenset(crawl.allow_private_networks))
         self.work.mkdir(parents=True, exist_ok=True)
         for derived in ("records", "dropped"):  # a resumed run rewrites these whole; only shards are reused

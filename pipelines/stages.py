@@ -7,6 +7,7 @@ row dropped by the crawl still reaches the output with its reason.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ import pyarrow.compute as pc
 
 from filters.clip_scorer import ClipPreprocessor, ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter, NearDuplicateIndex
+from filters.eval_guard import EvalOverlapFilter, ReferenceIndex
 from filters.grounding import GroundingVerifier
 from filters.validate import ImageValidator
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.objects import ObjectFinder
+from pipelines.references import load_references
 from schemas.config import PipelineConfig
 from schemas.records import KEEP, ImageRecord, StageResult
 
@@ -94,15 +97,56 @@ def dedup_column(config: PipelineConfig) -> str:
 def fit_dedup(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
     if table.num_rows == 0:
         return {}
-    # Straight from Arrow to one [N, D] float32 array: no per-float Python objects at 1M x 512.
-    column = table.column(dedup_column(config)).combine_chunks()
-    if pa.types.is_binary(column.type):  # dedup_embedding: float32 bytes, one value per row
-        values = binary_values(column).view(np.float32)
-    else:
-        values = column.flatten().to_numpy()
-    embeddings = values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
-    return NearDuplicateIndex(config.dedup).fit(table.column("uid").to_pylist(), embeddings, _scores(table),
-                                                table.column("sha256").to_pylist())
+    return NearDuplicateIndex(config.dedup).fit(table.column("uid").to_pylist(), embedding_matrix(table, dedup_column(config)),
+                                                _scores(table), table.column("sha256").to_pylist())
+
+
+def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
+    """[N, D] float32 straight from Arrow (no per-float Python objects at 1M x 512): `dedup_embedding` (float32
+    bytes per row) or `embedding` (a list of floats per row)."""
+    values = table.column(column).combine_chunks()
+    values = binary_values(values).view(np.float32) if pa.types.is_binary(values.type) else values.flatten().to_numpy()
+    return values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
+
+
+def guard_column(config: PipelineConfig) -> str:
+    """The embedding the eval-leak guard compares: dedup's when dedup runs, else the CLIP embedding."""
+    return dedup_column(config) if config.dedup.enabled else "embedding"
+
+
+def fit_eval_guard(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
+    """uid -> `eval_overlap:<reference id>` for the live records that copy an eval image."""
+    index = reference_index(config)
+    if table.num_rows == 0:
+        return {}
+    return index.match(table.column("uid").to_pylist(), table.column("sha256").to_pylist(),
+                       embedding_matrix(table, guard_column(config)))
+
+
+def reference_index(config: PipelineConfig, chunk: int = 256) -> ReferenceIndex:
+    """The references' hashes and embeddings, computed by the stages a crawled image goes through (validate,
+    then both CLIP halves with the dedup settings), `chunk` images at a time."""
+    dedup = config.dedup if config.dedup.enabled else None
+    stages = [ImageValidator(config.validate_), ClipPreprocessor(config.clip, dedup=dedup),
+              ClipScorer(config.clip, dedup=dedup)]
+    column = guard_column(config)
+    ids, hashes, embeddings, problems = [], [], [], []
+    references = load_references(config.eval_guard, problems)
+    while batch := list(itertools.islice(references, chunk)):
+        # The caption only satisfies validate (an empty one is dropped); the guard never reads it.
+        records = [ImageRecord(uid=str(i), url=ref.id, caption=ref.id, image=ref.data) for i, ref in enumerate(batch)]
+        for stage in stages:
+            result = stage(records)
+            problems += [f"{r.url}: {r.reason}" for r in result.dropped]
+            records = result.kept
+        ids += [r.url for r in records]
+        hashes += [hashlib.sha256(batch[int(r.uid)].data).hexdigest() for r in records]
+        embeddings += [np.frombuffer(r.dedup_embedding, np.float32) if column == "dedup_embedding"
+                       else np.asarray(r.embedding, np.float32) for r in records]
+    print(f"[pipeline] eval_guard: {len(ids)} reference images" + (f"; {len(problems)} left out, e.g. {problems[0]}"
+                                                                   if problems else ""), flush=True)
+    eps = config.eval_guard.eps or config.dedup.eps
+    return ReferenceIndex(ids, hashes, np.stack(embeddings) if embeddings else np.zeros((0, 1), np.float32), eps)
 
 
 def binary_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -190,6 +234,9 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
                     lambda table: fit_clip_threshold(config.clip, _scores(table)),
                     ClipScoreFilter),
     ]
+    if config.eval_guard.enabled:  # before dedup: a leaked copy never decides which training copy survives
+        plan.append(GlobalStage("eval_guard", ["uid", guard_column(config), "sha256"], partial(fit_eval_guard, config),
+                                EvalOverlapFilter))
     if config.dedup.enabled:
         plan.append(GlobalStage("dedup", ["uid", dedup_column(config), "clip_score", "sha256"], partial(fit_dedup, config),
                                 DuplicateFilter))

@@ -110,6 +110,28 @@ class DedupConfig(_Section):
         return self.embedding != "clip" or self.crop_scales != [1.0]
 
 
+class CocoReference(_Section):
+    instances: str = Field(description="COCO instances JSON; its images[].file_name are looked up in `images`")
+    images: str = Field(description="the folder holding the instances file's images")
+
+
+class EvalGuardConfig(_Section):
+    """Images nobody may train on (eval sets): a record whose image is an exact or near copy of one is dropped
+    with `eval_overlap:<reference id>` (filters/eval_guard.py). Nothing listed: the stage does not run."""
+
+    folders: list[str] = Field(default_factory=list, description="image folders, searched recursively")
+    coco: list[CocoReference] = Field(default_factory=list, description="COCO instances files with their image folder")
+    crawled: list[str] = Field(default_factory=list, description="img2dataset output folders (webdataset .tar shards), "
+                               "e.g. a run's shards/ of the eval set's URL list")
+    # A copy is a record within cosine 1 - eps of a reference in the dedup embedding (the CLIP embedding when
+    # dedup is off). A guard should err towards dropping: a lost training image costs little, a leak voids the eval.
+    eps: float | None = Field(default=None, gt=0.0, lt=1.0, description="default: dedup.eps")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.folders or self.coco or self.crawled)
+
+
 class ObjectsConfig(_Section):
     """Where each image's objects come from: COCO instances annotations when given, CLIP zero-shot tags otherwise."""
 
@@ -231,6 +253,7 @@ class PipelineConfig(_Section):
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
     clip: ClipConfig = ClipConfig()
     dedup: DedupConfig = DedupConfig()
+    eval_guard: EvalGuardConfig = EvalGuardConfig()
     objects: ObjectsConfig = ObjectsConfig()
     teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()

@@ -93,6 +93,15 @@ def test_clip_filter_and_dedup_remove_the_planted_noise(demo_run):
     assert duplicates["precision"] >= 0.95 and duplicates["recall"] >= 0.95, duplicates
 
 
+def test_eval_guard_removes_the_planted_held_out_copies(demo_run):
+    """Issue 15's target: >= 95% of the planted copies of held-out images (exact, re-encoded, cropped) removed,
+    each naming the image it copies, and no other image."""
+    overlap = demo_run["manifest"]["counts"]["noise_eval"]["eval_overlap"]
+    assert overlap["positives"] >= 12 and set(overlap["by_copy"]) == {"exact", "reencoded", "cropped"}, overlap
+    assert overlap["recall"] >= 0.95 and overlap["precision"] == 1.0, overlap
+    assert demo_run["manifest"]["counts"]["stages"]["eval_guard"]["dropped"] == overlap["predicted"]
+
+
 def test_kept_records_carry_clip_scores_and_embeddings(demo_run):
     kept = read_dir(demo_run["final"] / "records", ["uid", "clip_score", "embedding"])
     threshold = demo_run["manifest"]["config"]["clip"]["threshold"]

@@ -215,9 +215,11 @@ def _write_push_record(run_dir: Path, record: dict) -> None:
 def main() -> None:
     from pipelines.dataset_card import write_dataset_card
 
-    p = argparse.ArgumentParser(description="Publish a finished run: hf/, llava/, README.md card, optional Hub push.")
+    p = argparse.ArgumentParser(description="Publish a finished run: hf/, llava/, README.md card, optional Hub push. "
+                                            "A version published already is never re-split or overwritten.")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--validation-fraction", type=float, default=None, help="default: the run's own")
+    p.add_argument("--validation-fraction", type=float, default=None, help="default: the run's own (only for a run "
+                                                                           "not published yet)")
     p.add_argument("--push", metavar="REPO_ID", help="push to this Hub dataset repo (token from the run's "
                                                      "publish.token_env, HF_TOKEN by default)")
     args = p.parse_args()
@@ -227,11 +229,18 @@ def main() -> None:
     manifest = json.loads(manifest_path.read_text())
     config = manifest.get("config", {})
     publish = config.get("publish", {})
-    # The run's own split, so that a re-publish (or a retried push) ships the split the run made.
-    fraction = publish.get("validation_fraction", 0.05) if args.validation_fraction is None else args.validation_fraction
-    counts = publish_dataset(args.run_dir, fraction, config.get("teacher", {}).get("seed", 0))
-    print(f"published {json.dumps(counts)} -> {args.run_dir / 'hf'}, {args.run_dir / 'llava'}")
-    print(f"card: {write_dataset_card(args.run_dir, manifest, counts)}")
+    if (args.run_dir / "hf").is_dir() and (args.run_dir / "llava").is_dir():
+        if args.validation_fraction is not None:
+            raise UserError(f"{args.run_dir} is published already and a version is never overwritten; for another "
+                            f"split, run the pipeline with --set publish.validation_fraction={args.validation_fraction} "
+                            f"(a new version).")
+        print(f"{args.run_dir} is published already (hf/, llava/); leaving it as it is.")
+    else:
+        # The run's own split, so that a late publish (or a retried push) ships the split the run made.
+        fraction = publish.get("validation_fraction", 0.05) if args.validation_fraction is None else args.validation_fraction
+        counts = publish_dataset(args.run_dir, fraction, config.get("teacher", {}).get("seed", 0))
+        print(f"published {json.dumps(counts)} -> {args.run_dir / 'hf'}, {args.run_dir / 'llava'}")
+        print(f"card: {write_dataset_card(args.run_dir, manifest, counts)}")
     if args.push:
         url = push_version(args.run_dir, args.push, manifest["version"], publish.get("token_env", "HF_TOKEN"))
         print(f"pushed: {url}")

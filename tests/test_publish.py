@@ -326,6 +326,31 @@ def test_publish_cli_records_its_push_and_keeps_the_runs_split(tmp_path, publish
     record = json.loads((run_dir / "push.json").read_text())
     assert record["status"] == "failed" and record["repo"] == REPO_ID and record["attempts"] == 1
     assert CANARY not in proc.stdout + proc.stderr + (run_dir / "push.json").read_text()
-    # Re-published with the run's own validation_fraction (0.3 here), not the CLI's old fixed 0.05.
+    # The version keeps the split it was published with: the CLI pushes it, it does not re-split it.
     for name in ("train.json", "validation.json"):
         assert (run_dir / "llava" / name).read_bytes() == (published[0] / "llava" / name).read_bytes()
+
+
+def test_publish_cli_never_resplits_a_published_version(tmp_path, published):
+    run_dir = tmp_path / "run"
+    shutil.copytree(published[0], run_dir)
+    (run_dir / "manifest.json").write_text(json.dumps({**MANIFEST, "config": {"publish": {"validation_fraction": 0.3}}}))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    def publish_cli(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipelines.publish", str(run_dir), *flags], cwd=REPO,
+                              capture_output=True, text=True, timeout=180)
+
+    again = publish_cli()
+    assert again.returncode == 0 and "is published already" in again.stdout, again.stderr
+    resplit = publish_cli("--validation-fraction", "0.5")
+    errors = [line for line in resplit.stderr.splitlines() if line.startswith("error:")]
+    assert resplit.returncode == 2 and "Traceback" not in resplit.stderr and len(errors) == 1, resplit.stderr
+    assert "never overwritten" in errors[0] and "publish.validation_fraction=0.5" in errors[0]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+    shutil.rmtree(run_dir / "hf"), shutil.rmtree(run_dir / "llava")  # a run that was never published is
+    late = publish_cli()
+    assert late.returncode == 0 and "published {" in late.stdout, late.stderr
+    for name in ("train.json", "validation.json"):  # with the run's own split
+        assert (run_dir / "llava" / name).read_bytes() == before[run_dir / "llava" / name]

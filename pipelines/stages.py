@@ -10,6 +10,8 @@ import hashlib
 import itertools
 import json
 import threading
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -284,12 +286,33 @@ def rows_to_records(rows: list[dict]) -> list[ImageRecord]:
     return [ImageRecord.model_validate(row) for row in rows]
 
 
+# Stages built in this process, by StageBatches key: Ray runs each task of a plain `map_batches` on a copy of
+# the one StageBatches the driver made, so without this every task would build its stage again (re-read the
+# COCO annotations, reload a CLIP). A few runs' worth of stages; the oldest goes first.
+_BUILT: OrderedDict[str, Stage] = OrderedDict()
+_BUILT_LOCK = threading.Lock()
+_BUILT_MAX = 32
+
+
+def built_once(key: str, factory: Callable[[], Stage]) -> Stage:
+    """The stage built under `key` in this process, built now if it was not."""
+    with _BUILT_LOCK:
+        if key not in _BUILT:
+            _BUILT[key] = factory()
+            while len(_BUILT) > _BUILT_MAX:
+                _BUILT.popitem(last=False)
+        _BUILT.move_to_end(key)
+        return _BUILT[key]
+
+
 class StageBatches:
-    """A picklable batch function around one stage: rows in, rows out (Ray `map_batches`, Beam `DoFn`)."""
+    """A picklable batch function around one stage: rows in, rows out (Ray `map_batches`, Beam `DoFn`). Every
+    copy of one StageBatches (all the tasks and DoFn instances of a run's stage) shares one stage per process."""
 
     def __init__(self, name: str, factory: Callable[[], Stage]):
         self.name = name
         self.factory = factory
+        self.key = f"{name}:{uuid.uuid4().hex}"  # the same in every pickled copy of this instance
         self.stage: Stage | None = None
         self._setup_lock = threading.Lock()  # an actor running batches in threads builds its stage once
 
@@ -302,7 +325,7 @@ class StageBatches:
     def setup(self) -> None:
         with self._setup_lock:
             if self.stage is None:
-                self.stage = self.factory()
+                self.stage = built_once(self.key, self.factory)
 
     def run(self, rows: list[dict]) -> list[ImageRecord]:
         self.setup()

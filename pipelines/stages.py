@@ -232,8 +232,9 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
         MapStage("clip_score", partial(ClipScorer, config.clip, dedup=dedup),
                  uses_model=True, batch_size=config.clip.batch_size,
                  num_actors=config.clip.num_actors, num_gpus=gpus),
-        GlobalStage("clip_filter", ["clip_score"],
-                    lambda table: fit_clip_threshold(config.clip, _scores(table)),
+        # A fixed threshold is a plain per-batch stage; only top_fraction needs every score first.
+        MapStage("clip_filter", partial(ClipScoreFilter, config.clip.threshold)) if config.clip.mode == "threshold" else
+        GlobalStage("clip_filter", ["clip_score"], lambda table: fit_clip_threshold(config.clip, _scores(table)),
                     ClipScoreFilter),
     ]
     if config.eval_guard.enabled:  # before dedup: a leaked copy never decides which training copy survives

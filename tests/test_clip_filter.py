@@ -131,6 +131,24 @@ def test_threshold_mode_drops_below_with_reason():
     assert all(r.stage == "clip_filter" for r in result.dropped)
 
 
+def test_only_top_fraction_gathers_scores_before_filtering():
+    """A fixed threshold filters batch by batch (no engine materializes the data for it); top_fraction needs
+    every score first, so it is the one global clip_filter."""
+    from pipelines.stages import GlobalStage, MapStage, apply_stage, stage_plan
+    from schemas.config import load_config
+    from tests.conftest import REPO
+
+    def clip_filter(mode: str):
+        config = load_config(str(REPO / "configs" / "sample.yaml"), [f"clip.mode={mode}", "clip.threshold=0.3"])
+        return next(stage for stage in stage_plan(config) if stage.name == "clip_filter")
+
+    plain = clip_filter("threshold")
+    assert isinstance(plain, MapStage)
+    out = apply_stage(plain.factory(), scored([0.2, 0.3, 0.4]))
+    assert [(r.clip_score, r.reason) for r in out] == [(0.3, None), (0.4, None), (0.2, "clip_score_below:0.3000")]
+    assert isinstance(clip_filter("top_fraction"), GlobalStage)
+
+
 def test_top_fraction_mode_keeps_the_best_share_across_batches():
     scores = np.random.default_rng(0).normal(0.3, 0.05, 1000)
     threshold = fit_clip_threshold(ClipConfig(mode="top_fraction", keep_fraction=0.3), scores)

@@ -1,10 +1,10 @@
 """The exports of a published version (pipelines/exports.py), read from what the demo run really published
 (conftest's demo_run: the real crawl, probes, teacher, verifier and publish), each with its consumer's code:
-TRL's own dataset utilities for the TRL exports, LLaMA-Factory's documented sharegpt schema for its files.
+TRL's own dataset utilities and a 1-step SFTTrainer / DPOTrainer (a tiny transformers LLaVA and its processor,
+built in-process) for the TRL exports, LLaMA-Factory's documented sharegpt schema for its files.
 
-Not run here: a 1-step SFTTrainer / DPOTrainer, which for vision-language data needs a transformers
-vision-language model class and its processor (our VLM is neither), and LLaMA-Factory's own loader, whose
-package pins its own transformers / peft / trl versions and is not part of this project's environment."""
+Not run here: LLaMA-Factory's own loader, whose package pins its own transformers / peft / trl versions and is
+not part of this project's environment."""
 from __future__ import annotations
 
 import json
@@ -84,6 +84,58 @@ def test_trl_dpo_pairs_prefer_the_grounded_answer_and_say_where_they_come_from(v
     probe_turns = sum(len(r["conversations"]) // 2 for r in records.values() if json.loads(r["provenance"]).get("probe_labels"))
     assert sum(n for s, n in sources.items() if s.startswith("probe:")) == probe_turns > 0  # one pair per probe turn
     assert rejected_by_verifier == sum(n for s, n in sources.items() if s.startswith("verifier:"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    """A transformers LLaVA (1-block CLIP at 32 px: 4 image tokens, 1-block Llama) and its processor, rendering
+    content parts with PARTS_TEMPLATE: what TRL's trainers take for vision-language data."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=16)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=tokenizer.convert_tokens_to_ids("<image>")))
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=PARTS_TEMPLATE)
+    return model, processor
+
+
+def test_one_sft_and_one_dpo_step_of_trl_on_the_exports(version, tiny_llava, tmp_path):
+    import copy
+    import math
+
+    import datasets
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    final, _ = version
+    model, processor = tiny_llava
+    image_token = model.config.image_token_index
+    common = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
+
+    sft = datasets.load_from_disk(str(final / "trl_sft"))["train"].select(range(4))
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=None, **common),
+                         train_dataset=sft, processing_class=processor)
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)  # each row's image went through the processor
+    assert ((batch["input_ids"] == image_token).sum(dim=1) == 4).all()  # and took its 4 image tokens
+    assert math.isfinite(trainer.train().training_loss)
+
+    dpo = datasets.load_from_disk(str(final / "trl_dpo"))["train"].select(range(4))
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), train_dataset=dpo, processing_class=processor,
+                         args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common))
+    # the policy starts as its reference, so the first step's DPO loss is -log sigmoid(0) = log 2
+    assert trainer.train().training_loss == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_llamafactory_files_follow_its_sharegpt_schema(version):

@@ -11,7 +11,7 @@ import sys
 
 
 
-from conftest import REPO, free_port, read_dir
+from tests.conftest import REPO, free_port, read_dir
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.instructions import InstructionGenerator
 from generators.prompts import PROMPT_VERSION, Description, task_messages

@@ -21,7 +21,7 @@ import numpy as np
 
 from infra.sample_world import render_world
 from infra.world_noise import EVAL_COPY_KINDS, eval_copy
-from pipelines.stages import apply_stage, embedding_matrix, guard_column, records_to_table, reference_index, stage_plan
+from pipelines.stages import embedding_matrix, guard_column, guard_embeddings, records_to_table, reference_index
 from schemas.config import load_config
 from schemas.records import ImageRecord
 
@@ -33,12 +33,9 @@ SEED = 2
 
 def embedded_records(config, paths_and_bytes: list[tuple[str, bytes]]) -> tuple[list[str], np.ndarray]:
     """(uids, [N, D] guard embeddings) of images sent through validate and both CLIP halves."""
-    plan = {stage.name: stage for stage in stage_plan(config)}
     records = [ImageRecord(uid=uid, url=uid, caption="a photo", image=data, sha256=hashlib.sha256(data).hexdigest())
                for uid, data in paths_and_bytes]
-    for name in ("validate", "clip_preprocess", "clip_score"):
-        records = apply_stage(plan[name].factory(), records)
-    table = records_to_table(records)
+    table = records_to_table(guard_embeddings(config, records).kept)
     return table.column("uid").to_pylist(), embedding_matrix(table, guard_column(config))
 
 

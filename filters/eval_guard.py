@@ -48,12 +48,15 @@ class ReferenceIndex:
 
 
 class EvalOverlapFilter(RecordFilter):
-    """The per-batch half: drop the uids `ReferenceIndex.match` named, with its reason."""
+    """The per-batch half: drop the uids `ReferenceIndex.match` named, with its reason. With no dedup after it,
+    the dedup embedding computed for the guard is cleared from the records it keeps (dedup clears it otherwise)."""
 
     name = "eval_guard"
 
-    def __init__(self, reasons: dict[str, str]):
-        self.reasons = reasons
+    def __init__(self, reasons: dict[str, str], clear_embedding: bool = False):
+        self.reasons, self.clear_embedding = reasons, clear_embedding
 
     def check(self, record: ImageRecord) -> tuple[str | None, ImageRecord]:
+        if self.clear_embedding and record.dedup_embedding is not None:
+            record = record.model_copy(update={"dedup_embedding": None})
         return self.reasons.get(record.uid), record

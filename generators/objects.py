@@ -9,6 +9,7 @@ asked of them.
 from __future__ import annotations
 
 import json
+import threading
 from collections import defaultdict
 from pathlib import Path
 from urllib.parse import urlparse
@@ -80,11 +81,13 @@ class ObjectFinder:
         self.annotations = load_coco_instances(objects.annotations)
         self.vocabulary = list(objects.vocabulary or COCO_CATEGORIES)
         self._tagger: ClipObjectTagger | None = None  # loaded only if an image lacks annotations
+        self._tagger_lock = threading.Lock()  # threads sharing this stage load the CLIP once
 
     def tagger(self) -> ClipObjectTagger:
-        if self._tagger is None:
-            self._tagger = ClipObjectTagger(self.clip, self.vocabulary, self.config.tag_threshold, self.config.max_tags)
-        return self._tagger
+        with self._tagger_lock:
+            if self._tagger is None:
+                self._tagger = ClipObjectTagger(self.clip, self.vocabulary, self.config.tag_threshold, self.config.max_tags)
+            return self._tagger
 
     def find(self, record: ImageRecord) -> list[ObjectAnnotation] | None:
         name = url_file_name(record.url)

@@ -11,7 +11,6 @@ catch (kind `eval_copy`, detail `<how>:<val file name>`).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import struct
@@ -94,28 +93,21 @@ def eval_copy(data: bytes, how: str, rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-def _load_val(world_dir: Path) -> tuple[list[dict], dict[int, list[str]]]:
-    path = world_dir / "annotations" / "instances_val.json"
+def _load_split(world_dir: Path, split: str) -> tuple[list[dict], dict[int, list[str]]]:
+    """(the split's images by id, image id -> captions); nothing for a split the world was rendered without."""
+    path = world_dir / "annotations" / f"instances_{split}.json"
     if not path.exists():
         return [], {}
     captions: dict[int, list[str]] = {}
-    for c in json.loads((world_dir / "annotations" / "captions_val.json").read_text())["annotations"]:
+    for c in json.loads((world_dir / "annotations" / f"captions_{split}.json").read_text())["annotations"]:
         captions.setdefault(c["image_id"], []).append(c["caption"])
     return sorted(json.loads(path.read_text())["images"], key=lambda im: im["id"]), captions
-
-
-def _load_train(world_dir: Path) -> tuple[list[dict], dict[int, list[str]]]:
-    instances = json.loads((world_dir / "annotations" / "instances_train.json").read_text())
-    captions: dict[int, list[str]] = {}
-    for c in json.loads((world_dir / "annotations" / "captions_train.json").read_text())["annotations"]:
-        captions.setdefault(c["image_id"], []).append(c["caption"])
-    return sorted(instances["images"], key=lambda im: im["id"]), captions
 
 
 def build_url_list(world_dir: Path, base_url: str, seed: int) -> dict:
     """Writes urls.parquet (url, caption) and noise_manifest.parquet (url, kind, detail, image_id)."""
     rng = np.random.default_rng([seed, 7])
-    images, captions = _load_train(world_dir)
+    images, captions = _load_split(world_dir, "train")
     n = len(images)
     rows = []  # dicts: path, caption, kind, detail, image_id
     for im in images:
@@ -151,7 +143,7 @@ def build_url_list(world_dir: Path, base_url: str, seed: int) -> dict:
         rows.append({"path": f"noise/{name}", "caption": rows[i]["caption"], "kind": "exact_duplicate",
                      "detail": rows[i]["path"], "image_id": im["id"]})
 
-    val, val_captions = _load_val(world_dir)
+    val, val_captions = _load_split(world_dir, "val")
     leaked = [val[i] for i in rng.permutation(len(val))[: int(len(val) * EVAL_COPY_FRACTION)]]
     for k, im in enumerate(leaked):
         how = EVAL_COPY_KINDS[k % len(EVAL_COPY_KINDS)]

@@ -10,6 +10,7 @@ runs in the guard's fit, and a reference file that cannot be read is reported, n
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipelines.crawl import tar_images
+from pipelines.url_list import file_sha256
 from schemas.config import EvalGuardConfig
 from schemas.errors import UserError
 
@@ -52,6 +54,24 @@ def check_references(config: EvalGuardConfig) -> None:
             state = "holds no .tar shards" if shards.is_dir() else _state(shards)
             raise UserError(f"Eval-guard crawl output {shards} {state}; set eval_guard.crawled to img2dataset "
                             f"webdataset output folders (a run's shards/).")
+
+
+def references_fingerprint(config: EvalGuardConfig) -> str:
+    """What names the references for the version id: each file's path and size (an eval set changed in place
+    makes a new version), the COCO files' bytes; sources that do not exist count as missing."""
+    digest = hashlib.sha256()
+    listed = [(Path(f), lambda p: p.suffix.lower() in IMAGE_SUFFIXES) for f in config.folders]
+    listed += [(Path(c), lambda p: p.suffix == ".tar") for c in config.crawled]
+    for entry in config.coco:
+        instances = Path(entry.instances)
+        content = file_sha256(instances) if instances.is_file() else "missing"
+        digest.update(f"coco|{instances}|{content}|{entry.images}\n".encode())
+    for root, wanted in listed:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and wanted(p)) if root.is_dir() else []
+        digest.update(f"{root}|{len(files)}\n".encode())
+        for path in files:
+            digest.update(f"{path.relative_to(root)}|{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
 
 
 def load_references(config: EvalGuardConfig, problems: list[str]) -> Iterator[Reference]:

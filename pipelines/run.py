@@ -30,7 +30,7 @@ from generators.teacher import TeacherUsage, check_reachable
 from pipelines.dataset_card import write_dataset_card
 from pipelines.cli import disk_full_error, disk_full_is_user_error, no_space_sentence
 from pipelines.publish import publish_dataset, push_record, push_version
-from pipelines.references import check_references
+from pipelines.references import check_references, references_fingerprint
 from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, read_url_list, warn_unreachable_hosts, with_uids, write_url_list
 from schemas.config import PipelineConfig, save_config
@@ -125,13 +125,14 @@ class RunDirectory:
     @classmethod
     def open(cls, config: PipelineConfig, engine: str) -> "RunDirectory":
         """Picks the version directory: a hash of the config's data-changing fields, the bytes of the URL
-        list and of the CLIP weights, and the engine."""
+        list and of the CLIP weights, the engine, and the eval-guard references' listing."""
         source = Path(config.crawl.url_list)
         url_sha = file_sha256(source) if source.is_file() else "missing"
         # New weights at the same path make new data: the checkpoint's bytes are part of the version.
         weights = [Path(p) for p in (config.clip.pretrained, config.clip.config_path) if p and Path(p).is_file()]
         weights_sha = "|".join(file_sha256(p) for p in weights)
-        digest = hashlib.sha256(f"{config.fingerprint()}|{url_sha}|{weights_sha}|{engine}".encode()).hexdigest()
+        references = references_fingerprint(config.eval_guard) if config.eval_guard.enabled else ""
+        digest = hashlib.sha256(f"{config.fingerprint()}|{url_sha}|{weights_sha}|{engine}{references}".encode()).hexdigest()
         version = f"v-{digest[:12]}"
         final = check_output_root(config) / version
         return cls(config, engine, version, final, final.with_name(version + ".partial"), url_sha)

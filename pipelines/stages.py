@@ -29,7 +29,8 @@ from filters.validate import ImageValidator
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.objects import ObjectFinder
 from pipelines.references import load_references
-from schemas.config import PipelineConfig
+from schemas.config import DedupConfig, PipelineConfig
+from schemas.errors import UserError
 from schemas.records import KEEP, ImageRecord, StageResult
 
 Stage = Callable[[list[ImageRecord]], StageResult]
@@ -112,8 +113,28 @@ def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
 
 
 def guard_column(config: PipelineConfig) -> str:
-    """The embedding the eval-leak guard compares: dedup's when dedup runs, else the CLIP embedding."""
-    return dedup_column(config) if config.dedup.enabled else "embedding"
+    """The embedding the eval-leak guard compares: the one dedup's settings ask for (computed for the guard also
+    when dedup itself is off; `eval_guard.eps` is chosen for it)."""
+    return dedup_column(config)
+
+
+def clip_dedup_settings(config: PipelineConfig) -> DedupConfig | None:
+    """What the CLIP stages embed for dedup and the guard: dedup's settings when either runs."""
+    return config.dedup if config.dedup.enabled or config.eval_guard.enabled else None
+
+
+def guard_embeddings(config: PipelineConfig, records: list[ImageRecord]) -> StageResult:
+    """Records through the stages a crawled image goes through before the guard (validate, both CLIP halves),
+    so that they embed exactly as the pipeline's records do."""
+    dedup = clip_dedup_settings(config)
+    result = StageResult(kept=records)
+    for stage in built_once(f"guard_embeddings:{config.fingerprint()}", lambda: [
+            ImageValidator(config.validate_), ClipPreprocessor(config.clip, dedup=dedup), ClipScorer(config.clip, dedup=dedup)]):
+        if not result.kept:
+            break
+        step = stage(result.kept)
+        result = StageResult(kept=step.kept, dropped=result.dropped + step.dropped)
+    return result
 
 
 def fit_eval_guard(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
@@ -126,29 +147,27 @@ def fit_eval_guard(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
 
 
 def reference_index(config: PipelineConfig, chunk: int = 256) -> ReferenceIndex:
-    """The references' hashes and embeddings, computed by the stages a crawled image goes through (validate,
-    then both CLIP halves with the dedup settings), `chunk` images at a time."""
-    dedup = config.dedup if config.dedup.enabled else None
-    stages = [ImageValidator(config.validate_), ClipPreprocessor(config.clip, dedup=dedup),
-              ClipScorer(config.clip, dedup=dedup)]
+    """The references' hashes and embeddings (`guard_embeddings`), `chunk` images at a time. A reference that
+    cannot be read or decoded is left out and reported; if none is left, the run stops with one sentence."""
     column = guard_column(config)
     ids, hashes, embeddings, problems = [], [], [], []
     references = load_references(config.eval_guard, problems)
     while batch := list(itertools.islice(references, chunk)):
         # The caption only satisfies validate (an empty one is dropped); the guard never reads it.
         records = [ImageRecord(uid=str(i), url=ref.id, caption=ref.id, image=ref.data) for i, ref in enumerate(batch)]
-        for stage in stages:
-            result = stage(records)
-            problems += [f"{r.url}: {r.reason}" for r in result.dropped]
-            records = result.kept
-        ids += [r.url for r in records]
-        hashes += [hashlib.sha256(batch[int(r.uid)].data).hexdigest() for r in records]
+        result = guard_embeddings(config, records)
+        problems += [f"{r.url}: {r.reason}" for r in result.dropped]
+        ids += [r.url for r in result.kept]
+        hashes += [hashlib.sha256(batch[int(r.uid)].data).hexdigest() for r in result.kept]
         embeddings += [np.frombuffer(r.dedup_embedding, np.float32) if column == "dedup_embedding"
-                       else np.asarray(r.embedding, np.float32) for r in records]
+                       else np.asarray(r.embedding, np.float32) for r in result.kept]
+    if not ids:
+        why = f"{len(problems)} could not be used, e.g. {problems[0]}" if problems else "none was found"
+        raise UserError(f"The eval-leak guard has no reference image ({why}); fix eval_guard's folders, coco and "
+                        f"crawled, or set them to [] to run without the guard.")
     print(f"[pipeline] eval_guard: {len(ids)} reference images" + (f"; {len(problems)} left out, e.g. {problems[0]}"
                                                                    if problems else ""), flush=True)
-    eps = config.eval_guard.eps or config.dedup.eps
-    return ReferenceIndex(ids, hashes, np.stack(embeddings) if embeddings else np.zeros((0, 1), np.float32), eps)
+    return ReferenceIndex(ids, hashes, np.stack(embeddings), config.eval_guard.eps or config.dedup.eps)
 
 
 def binary_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -224,7 +243,7 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
     from generators.instructions import InstructionGenerator  # imports openai (0.5 s): only where the plan is built
 
     gpus = 1 if config.clip.device != "cpu" and _cuda_available() else 0
-    dedup = config.dedup if config.dedup.enabled else None
+    dedup = clip_dedup_settings(config)
     plan: list[MapStage | GlobalStage] = [
         MapStage("validate", partial(ImageValidator, config.validate_)),
         # CPU tasks decode and resize; the model actors (GPU when present) only run the towers.
@@ -239,7 +258,7 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
     ]
     if config.eval_guard.enabled:  # before dedup: a leaked copy never decides which training copy survives
         plan.append(GlobalStage("eval_guard", ["uid", guard_column(config), "sha256"], partial(fit_eval_guard, config),
-                                EvalOverlapFilter))
+                                partial(EvalOverlapFilter, clear_embedding=not config.dedup.enabled)))
     if config.dedup.enabled:
         plan.append(GlobalStage("dedup", ["uid", dedup_column(config), "clip_score", "sha256"], partial(fit_dedup, config),
                                 DuplicateFilter))
@@ -290,20 +309,34 @@ def rows_to_records(rows: list[dict]) -> list[ImageRecord]:
 # Stages built in this process, by StageBatches key: Ray runs each task of a plain `map_batches` on a copy of
 # the one StageBatches the driver made, so without this every task would build its stage again (re-read the
 # COCO annotations, reload a CLIP). A few runs' worth of stages; the oldest goes first.
-_BUILT: OrderedDict[str, Stage] = OrderedDict()
+_BUILT: OrderedDict[str, "_Built"] = OrderedDict()
 _BUILT_LOCK = threading.Lock()
-_BUILT_MAX = 32
+_BUILT_MAX = 16
 
 
-def built_once(key: str, factory: Callable[[], Stage]) -> Stage:
-    """The stage built under `key` in this process, built now if it was not."""
+class _Built:
+    """One cache entry: built once by whichever thread asks first; others wait on this entry only."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.factory, self.lock, self.value, self.done = factory, threading.Lock(), None, False
+
+    def get(self) -> Any:
+        with self.lock:
+            if not self.done:
+                self.value, self.done = self.factory(), True
+            return self.value
+
+
+def built_once(key: str, factory: Callable[[], Any]) -> Any:
+    """What `factory` builds, built once per process under `key` (a slow build holds up only its own key)."""
     with _BUILT_LOCK:
-        if key not in _BUILT:
-            _BUILT[key] = factory()
+        entry = _BUILT.get(key)
+        if entry is None:
+            entry = _BUILT[key] = _Built(factory)
             while len(_BUILT) > _BUILT_MAX:
                 _BUILT.popitem(last=False)
         _BUILT.move_to_end(key)
-        return _BUILT[key]
+    return entry.get()
 
 
 class StageBatches:

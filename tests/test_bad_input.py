@@ -28,7 +28,7 @@ def run_job(tmp_path, *overrides: str, entry: str = RAY_JOB,
     """The real entry point as a subprocess (the Beam one needs no Ray head and imports faster). A URL list of
     our own and no annotation files come first, so that no test depends on a rendered sample world (a clean
     clone has none); a test's own overrides come later and win."""
-    world_free = [f"crawl.url_list={url_list(tmp_path)}", "objects.annotations=[]"]
+    world_free = [f"crawl.url_list={url_list(tmp_path)}", "objects.annotations=[]", "eval_guard.folders=[]"]
     command = [sys.executable, entry, "--config", config, "--set", f"output_root={tmp_path / 'out'}",
                *[a for o in world_free + list(overrides) for a in ("--set", o)]]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -232,7 +232,8 @@ def test_full_disk_during_the_run_names_the_run_directory(tmp_path, monkeypatch)
 
     monkeypatch.chdir(REPO)  # the CLIP weights' paths in the config are relative to the repo, as in the subprocess
     # Nothing serves the list's host, so the host probe (a check, run before anything is written) is off.
-    overrides = [f"crawl.url_list={url_list(tmp_path)}", "objects.annotations=[]", "crawl.preflight_hosts=0"]
+    overrides = [f"crawl.url_list={url_list(tmp_path)}", "objects.annotations=[]", "eval_guard.folders=[]",
+                 "crawl.preflight_hosts=0"]
     run = RunDirectory.open(load_config("configs/sample.yaml", [f"output_root={tmp_path / 'out'}", *overrides]), "beam")
     run.work.mkdir(parents=True)
     (run.work / "config.yaml").symlink_to("/dev/full")

@@ -14,7 +14,8 @@ import pytest
 from infra.sample_world import render_world
 from infra.world_noise import EVAL_COPY_KINDS, eval_copy
 from pipelines.references import check_references, load_references
-from pipelines.stages import apply_stage, fit_eval_guard, records_to_table, reference_index, stage_plan
+from pipelines.stages import (apply_stage, fit_eval_guard, guard_embeddings, records_to_table, reference_index,
+                              stage_plan)
 from schemas.config import load_config
 from schemas.errors import UserError
 from schemas.records import ImageRecord
@@ -30,20 +31,18 @@ def world(tmp_path_factory):
     return path
 
 
-def config_for(**guard):
-    overrides = [f"eval_guard.{k}={json.dumps(v)}" for k, v in guard.items()]
-    return load_config(str(REPO / "configs" / "sample.yaml"), overrides)
+def config_for(*extra: str, **guard):
+    """configs/sample.yaml with only the given reference sources (its default, data/world's held-out images, off)."""
+    overrides = [f"eval_guard.{k}={json.dumps(v)}" for k, v in {"folders": [], **guard}.items()]
+    return load_config(str(REPO / "configs" / "sample.yaml"), [*overrides, *extra])
 
 
 def crawled_records(config, images: dict[str, bytes]) -> list:
     """Records as the pipeline has them when the guard runs: img2dataset's sha256 of the bytes, then validate and
     both CLIP halves."""
-    plan = {stage.name: stage for stage in stage_plan(config)}
     records = [ImageRecord(uid=uid, url=f"http://example.com/{uid}", caption="a photo of things", image=data,
                            sha256=hashlib.sha256(data).hexdigest()) for uid, data in images.items()]
-    for name in ("validate", "clip_preprocess", "clip_score"):
-        records = apply_stage(plan[name].factory(), records)
-    return records
+    return guard_embeddings(config, records).kept
 
 
 def guard_reasons(config, records) -> dict[str, str]:
@@ -51,13 +50,20 @@ def guard_reasons(config, records) -> dict[str, str]:
     return fit_eval_guard(config, records_to_table(records).select(guard.columns))
 
 
-def test_copies_of_held_out_images_are_dropped_naming_their_image(world):
-    config = config_for(folders=[str(world / "images" / "val")])
+@pytest.mark.parametrize("dedup", ["true", "false"])
+def test_copies_of_held_out_images_are_dropped_naming_their_image(world, dedup):
+    # With dedup off, the guard still compares dedup's embedding (what eval_guard.eps is chosen for).
+    config = config_for(f"dedup.enabled={dedup}", folders=[str(world / "images" / "val")])
     rng = np.random.default_rng(0)
     val = sorted((world / "images" / "val").glob("*.jpg"))
     images = {f"{how}-{p.name}": eval_copy(p.read_bytes(), how, rng) for p in val for how in EVAL_COPY_KINDS}
     images.update({f"train-{p.name}": p.read_bytes() for p in sorted((world / "images" / "train").glob("*.jpg"))})
-    reasons = guard_reasons(config, crawled_records(config, images))
+    records = crawled_records(config, images)
+    reasons = guard_reasons(config, records)
+    guard = next(stage for stage in stage_plan(config) if stage.name == "eval_guard")
+    kept = apply_stage(guard.apply(reasons), records)
+    # the guard's embedding leaves with the records only for dedup to use (which clears it)
+    assert all((r.dedup_embedding is None) == (dedup == "false") for r in kept if r.status == "ok")
 
     caught = {uid for uid, reason in reasons.items() if reason == f"eval_overlap:{uid.split('-', 1)[1]}"}
     copies = [uid for uid in images if not uid.startswith("train-")]
@@ -81,21 +87,29 @@ def test_references_from_coco_and_from_a_real_crawl(world, demo_run):
     stats = [json.loads(p.read_text()) for p in shards.rglob("*_stats.json")]
     references = list(load_references(crawled.eval_guard, problems))
     assert len(references) == sum(s["successes"] for s in stats) and not problems
-    kept = read_dir(demo_run["final"] / "records", ["uid", "sha256", "embedding"])[:40]
-    records = [ImageRecord(uid=r["uid"], url="u", sha256=r["sha256"], embedding=r["embedding"]) for r in kept]
-    index = reference_index(crawled.model_copy(update={"dedup": crawled.dedup.model_copy(update={"enabled": False})}))
-    reasons = index.match([r.uid for r in records], [r.sha256 for r in records],
-                          np.array([r.embedding for r in records], np.float32))
-    assert set(reasons) == {r.uid for r in records}
+    # The records carry no hash here, so only their embeddings can find them among the crawled references.
+    kept = read_dir(demo_run["final"] / "records", ["uid", "image"])[:40]
+    records = crawled_records(crawled, {r["uid"]: r["image"] for r in kept})
+    for record in records:
+        record.sha256 = None
+    assert len(records) == 40 and set(guard_reasons(crawled, records)) == {r.uid for r in records}
 
 
 def test_unreadable_references_are_reported_not_fatal(world, tmp_path, capsys):
     folder = tmp_path / "refs"
     shutil.copytree(world / "images" / "val", folder)
-    (folder / "broken.jpg").write_bytes(b"not an image")
-    index = reference_index(config_for(folders=[str(folder)]))
-    assert len(index.ids) == 12 and "broken.jpg" not in index.ids
-    assert "12 reference images; 1 left out, e.g. broken.jpg: decode_error" in capsys.readouterr().out
+    for name in ("a_broken.jpg", "b_broken.jpg"):  # sorted first: a whole chunk of 2 with nothing usable
+        (folder / name).write_bytes(b"not an image")
+    index = reference_index(config_for(folders=[str(folder)]), chunk=2)
+    assert len(index.ids) == 12 and not {"a_broken.jpg", "b_broken.jpg"} & set(index.ids)
+    assert "12 reference images; 2 left out, e.g. a_broken.jpg: decode_error" in capsys.readouterr().out
+
+    only_broken = tmp_path / "broken"
+    only_broken.mkdir()
+    (only_broken / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match=r"^The eval-leak guard has no reference image \(1 could not be used, e.g. "
+                                        r"x.jpg: decode_error"):
+        reference_index(config_for(folders=[str(only_broken)]))
 
 
 def test_bad_reference_sources_are_one_sentence(tmp_path, world):

@@ -58,7 +58,7 @@ def test_a_killed_run_leaves_nothing_running_and_the_next_run_completes(tmp_path
                         + f"{server.url('/trickle.jpg')},a photo of a dog\n" + "".join(f"{u},a cat\n" for u in refused))
         command = [sys.executable, "pipelines/build_instruct_beam.py", "--config", "configs/sample.yaml",
                    "--set", f"output_root={tmp_path / 'out'}", "--set", f"crawl.url_list={urls}",
-                   "--set", "crawl.download_deadline=6", "--set", "crawl.processes=1", "--set", "objects.annotations=[]",
+                   "--set", "crawl.download_deadline=6", "--set", "crawl.processes=1", "--set", "objects.annotations=[]", "--set", "eval_guard.folders=[]",
                    "--set", f"teacher.cache_dir={tmp_path / 'cache'}", "--set", "name=killed"]
         first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)  # its own group: only its PID is killed below

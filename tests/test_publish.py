@@ -279,7 +279,7 @@ def test_failed_push_is_recorded_and_the_next_run_retries_it(tmp_path, refusing_
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": [r["url"] for r in records()], "caption": [r["caption"] for r in records()]}), urls)
     overrides = [f"output_root={tmp_path / 'out'}", f"crawl.url_list={urls}", "objects.annotations=[]",
-                 "publish.push_to_hub=true", f"publish.hub_repo={REPO_ID}"]
+                 "eval_guard.folders=[]", "publish.push_to_hub=true", f"publish.hub_repo={REPO_ID}"]
     run = RunDirectory.open(load_config("configs/sample.yaml", overrides), "beam")
     write_run(run.work, records())  # what the engine would have written
 

@@ -86,7 +86,7 @@ def beam_run(demo_run, output_root, base_url, cache_dir):
     world = demo_run["world"]
     overrides = [*demo_run["overrides"], f"output_root={output_root}", f"crawl.url_list={world / 'urls.parquet'}",
                  f"objects.annotations=[{world / 'annotations' / 'instances_train.json'}]",
-                 "teacher.kind=openai", f"teacher.base_url={base_url}", "teacher.response_format=json_object",
+                 f"eval_guard.folders=[{world / 'images' / 'val'}]", "teacher.kind=openai", f"teacher.base_url={base_url}", "teacher.response_format=json_object",
                  f"teacher.cache_dir={cache_dir}", "teacher.timeout=30", "teacher.concurrency=1",  # a serial server
                  "teacher.backoff_seconds=0.2", "generate.max_images=6"]
     config = load_config(REPO / "configs" / "sample.yaml", overrides)
@@ -134,7 +134,8 @@ def test_a_busy_machine_costs_time_not_requests(demo_run, tmp_path):
     world = demo_run["world"]
     overrides = [*demo_run["overrides"], f"output_root={tmp_path}", f"crawl.url_list={world / 'urls.parquet'}",
                  f"objects.annotations=[{world / 'annotations' / 'instances_train.json'}]",
-                 f"teacher.cache_dir={tmp_path / 'cache'}", "generate.max_images=8"]
+                 f"eval_guard.folders=[{world / 'images' / 'val'}]", f"teacher.cache_dir={tmp_path / 'cache'}",
+                 "generate.max_images=8"]
     config = load_config(REPO / "configs" / "sample.yaml", overrides)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -25,7 +25,7 @@ from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, crawl_passes, read_shard  # noqa: E402
 from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
-from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, records_to_table, stage_plan  # noqa: E402
+from pipelines.stages import DROPPED_SCHEMA, RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, records_to_table, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import UserError  # noqa: E402
 from schemas.records import KEEP  # noqa: E402
@@ -103,7 +103,7 @@ def _run(run_dir: RunDirectory) -> dict:
         raise UserError(no_progress_sentence(config, running)) from None
     progress(f"all stages done in {time.perf_counter() - start:.0f} s; writing records/ and dropped/")
     ds.filter(expr=col("status") == KEEP).write_parquet(str(run_dir.work / "records"))
-    ds.filter(expr=col("status") != KEEP).drop_columns(["image"]).write_parquet(str(run_dir.work / "dropped"))
+    ds.filter(expr=col("status") != KEEP).select_columns(DROPPED_SCHEMA.names).write_parquet(str(run_dir.work / "dropped"))
 
     return run_dir.finish(num_rows, time.perf_counter() - start,
                           {"ray_stats": ds.stats(), "crawl_passes": crawl_passes(run_dir.shards)})

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 from pipelines.cli import exit_on_user_error, parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, crawl_passes, read_shard  # noqa: E402
 from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
-from pipelines.stages import RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, stage_plan  # noqa: E402
+from pipelines.stages import DROPPED_SCHEMA, RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, stage_plan  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import UserError  # noqa: E402
@@ -108,7 +108,8 @@ def _run(run_dir: RunDirectory, beam_args: list[str], shards_from: Path | None) 
         _ = (rows | "Kept" >> beam.Filter(lambda r: r["status"] == KEEP)
              | "WriteRecords" >> beam.io.WriteToParquet(str(records_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
         _ = (rows | "Dropped" >> beam.Filter(lambda r: r["status"] != KEEP)
-             | "WriteDropped" >> beam.io.WriteToParquet(str(dropped_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
+             | "WithoutImage" >> beam.Map(lambda r: {k: r[k] for k in DROPPED_SCHEMA.names})
+             | "WriteDropped" >> beam.io.WriteToParquet(str(dropped_dir / "part"), DROPPED_SCHEMA, file_name_suffix=".parquet"))
 
     # The work directory is renamed when the run finishes: name where the shards will be, not where they were.
     kept_at = run_dir.final / "shards" if shards == run_dir.shards else shards

@@ -64,6 +64,10 @@ RECORD_SCHEMA = pa.schema(
 )
 
 
+# dropped/ keeps every column but the image bytes: a dropped row says why, it is not data to train on.
+DROPPED_SCHEMA = RECORD_SCHEMA.remove(RECORD_SCHEMA.get_field_index("image"))
+
+
 @dataclass
 class MapStage:
     """A stage applied batch by batch; `factory` builds it once per worker (a model loads once)."""

@@ -2,6 +2,8 @@
 drops the rest for the same reasons and publishes the same instruction records."""
 from __future__ import annotations
 
+import pyarrow.parquet as pq
+
 from infra.demo import world_overrides
 from pipelines.build_instruct_beam import run
 from schemas.config import load_config
@@ -24,6 +26,10 @@ def test_beam_on_ray_shards_gives_same_uids_and_reasons(demo_run, tmp_path):
     ray_dropped = {r["uid"]: r["reason"] for r in read_dir(ray_final / "dropped", ["uid", "reason"])}
     beam_dropped = {r["uid"]: r["reason"] for r in read_dir(beam_final / "dropped", ["uid", "reason"])}
     assert beam_dropped == ray_dropped
+    # Both engines write the same dropped/ columns, without the image bytes
+    columns = [{name for path in (final / "dropped").glob("*.parquet") for name in pq.read_schema(path).names}
+               for final in (ray_final, beam_final)]
+    assert columns[0] == columns[1] and "image" not in columns[0] and {"uid", "stage", "reason"} <= columns[0]
     assert manifest["counts"]["stages"]["dedup"]["kept"] > 250
     # The teacher is deterministic (seeded requests), so both engines publish the same LLaVA records.
     for split in ("train", "validation"):

@@ -21,7 +21,7 @@ import numpy as np
 
 from infra.sample_world import render_world
 from infra.world_noise import EVAL_COPY_KINDS, eval_copy
-from pipelines.stages import embedding_matrix, guard_column, guard_embeddings, records_to_table, reference_index
+from pipelines.stages import dedup_column, embedding_matrix, guard_embeddings, records_to_table, reference_index
 from schemas.config import load_config
 from schemas.records import ImageRecord
 
@@ -36,7 +36,7 @@ def embedded_records(config, paths_and_bytes: list[tuple[str, bytes]]) -> tuple[
     records = [ImageRecord(uid=uid, url=uid, caption="a photo", image=data, sha256=hashlib.sha256(data).hexdigest())
                for uid, data in paths_and_bytes]
     table = records_to_table(guard_embeddings(config, records).kept)
-    return table.column("uid").to_pylist(), embedding_matrix(table, guard_column(config))
+    return table.column("uid").to_pylist(), embedding_matrix(table, dedup_column(config))
 
 
 def main() -> None:

@@ -200,5 +200,9 @@ class DuplicateFilter(RecordFilter):
         self.reasons = reasons
 
     def check(self, record: ImageRecord) -> tuple[str | None, ImageRecord]:
-        kept = record if record.dedup_embedding is None else record.model_copy(update={"dedup_embedding": None})
-        return self.reasons.get(record.uid), kept
+        return self.reasons.get(record.uid), without_dedup_embedding(record)
+
+
+def without_dedup_embedding(record: ImageRecord) -> ImageRecord:
+    """The record without the embedding only dedup (and the eval guard) compare: kept records do not carry it on."""
+    return record if record.dedup_embedding is None else record.model_copy(update={"dedup_embedding": None})

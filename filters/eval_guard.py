@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from filters.dedup import BLOCK, flat_index
+from filters.dedup import BLOCK, flat_index, without_dedup_embedding
 from filters.record_filter import RecordFilter
 from schemas.records import ImageRecord
 
@@ -57,6 +57,4 @@ class EvalOverlapFilter(RecordFilter):
         self.reasons, self.clear_embedding = reasons, clear_embedding
 
     def check(self, record: ImageRecord) -> tuple[str | None, ImageRecord]:
-        if self.clear_embedding and record.dedup_embedding is not None:
-            record = record.model_copy(update={"dedup_embedding": None})
-        return self.reasons.get(record.uid), record
+        return self.reasons.get(record.uid), without_dedup_embedding(record) if self.clear_embedding else record

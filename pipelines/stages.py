@@ -116,12 +116,6 @@ def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
     return values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
 
 
-def guard_column(config: PipelineConfig) -> str:
-    """The embedding the eval-leak guard compares: the one dedup's settings ask for (computed for the guard also
-    when dedup itself is off; `eval_guard.eps` is chosen for it)."""
-    return dedup_column(config)
-
-
 def clip_dedup_settings(config: PipelineConfig) -> DedupConfig | None:
     """What the CLIP stages embed for dedup and the guard: dedup's settings when either runs."""
     return config.dedup if config.dedup.enabled or config.eval_guard.enabled else None
@@ -142,18 +136,18 @@ def guard_embeddings(config: PipelineConfig, records: list[ImageRecord]) -> Stag
 
 
 def fit_eval_guard(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
-    """uid -> `eval_overlap:<reference id>` for the live records that copy an eval image."""
-    index = reference_index(config)
+    """uid -> `eval_overlap:<reference id>` for the live records that copy an eval image. The guard compares the
+    embedding dedup's settings describe (the CLIP stages compute it for the guard also when dedup is off;
+    `eval_guard.eps` is chosen for it)."""
     if table.num_rows == 0:
         return {}
-    return index.match(table.column("uid").to_pylist(), table.column("sha256").to_pylist(),
-                       embedding_matrix(table, guard_column(config)))
+    return reference_index(config).match(table.column("uid").to_pylist(), table.column("sha256").to_pylist(),
+                                         embedding_matrix(table, dedup_column(config)))
 
 
 def reference_index(config: PipelineConfig, chunk: int = 256) -> ReferenceIndex:
     """The references' hashes and embeddings (`guard_embeddings`), `chunk` images at a time. A reference that
     cannot be read or decoded is left out and reported; if none is left, the run stops with one sentence."""
-    column = guard_column(config)
     ids, hashes, embeddings, problems = [], [], [], []
     references = load_references(config.eval_guard, problems)
     while batch := list(itertools.islice(references, chunk)):
@@ -163,15 +157,15 @@ def reference_index(config: PipelineConfig, chunk: int = 256) -> ReferenceIndex:
         problems += [f"{r.url}: {r.reason}" for r in result.dropped]
         ids += [r.url for r in result.kept]
         hashes += [hashlib.sha256(batch[int(r.uid)].data).hexdigest() for r in result.kept]
-        embeddings += [np.frombuffer(r.dedup_embedding, np.float32) if column == "dedup_embedding"
-                       else np.asarray(r.embedding, np.float32) for r in result.kept]
+        if result.kept:
+            embeddings.append(embedding_matrix(records_to_table(result.kept), dedup_column(config)))
     if not ids:
         why = f"{len(problems)} could not be used, e.g. {problems[0]}" if problems else "none was found"
         raise UserError(f"The eval-leak guard has no reference image ({why}); fix eval_guard's folders, coco and "
                         f"crawled, or set them to [] to run without the guard.")
     print(f"[pipeline] eval_guard: {len(ids)} reference images" + (f"; {len(problems)} left out, e.g. {problems[0]}"
                                                                    if problems else ""), flush=True)
-    return ReferenceIndex(ids, hashes, np.stack(embeddings), config.eval_guard.eps or config.dedup.eps)
+    return ReferenceIndex(ids, hashes, np.concatenate(embeddings), config.eval_guard.eps or config.dedup.eps)
 
 
 def binary_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -261,7 +255,7 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
                     ClipScoreFilter),
     ]
     if config.eval_guard.enabled:  # before dedup: a leaked copy never decides which training copy survives
-        plan.append(GlobalStage("eval_guard", ["uid", guard_column(config), "sha256"], partial(fit_eval_guard, config),
+        plan.append(GlobalStage("eval_guard", ["uid", dedup_column(config), "sha256"], partial(fit_eval_guard, config),
                                 partial(EvalOverlapFilter, clear_embedding=not config.dedup.enabled)))
     if config.dedup.enabled:
         plan.append(GlobalStage("dedup", ["uid", dedup_column(config), "clip_score", "sha256"], partial(fit_dedup, config),

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from filters.validate import ImageValidator
+from infra.embedded_teacher import free_port
 from infra.sample_world import render_world
 from infra.world_noise import EXPECTED_REASON, prepare_world
 from infra.world_server import WorldServer
@@ -45,12 +45,6 @@ TARGET_RATIO = 0.9  # ours may cost at most 10% of plain img2dataset's throughpu
 # Rows whose noise kind the pipeline must drop (404, slow, bomb, empty caption...) are left out:
 # a 'slow' URL stalls a thread for the whole timeout and would measure the timeout, not the crawl.
 URL_FILTER = "clean image URLs only: rows whose noise kind has no expected drop reason"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_url_list(world_dir: Path, destination: Path) -> int:

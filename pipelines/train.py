@@ -7,11 +7,12 @@ r"""Train the VLM, one stage per run (a plain script, so it also runs as a Ray j
         --init outputs/train/align --out outputs/train/ft
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipelines/train.py --stage align ...
-    ray job submit ... -- python pipelines/train.py --workers 2 [--gpus-per-worker 1] --stage finetune ...
+    ray job submit ... -- python pipelines/train.py --workers 2 [--gpus-per-worker 1] [--shard full] --stage finetune ...
 
 `--workers N` runs the loop data-parallel on N Ray Train workers (trainer/distributed.py: DDP, gloo on CPUs,
 NCCL on GPUs; each worker reads its slice of every global batch of N x batch size; only rank 0 writes);
-without it, one process and no Ray. `--out` must be a folder every worker sees.
+without it, one process and no Ray. `--shard full` shards the model across the workers (FSDP) instead of
+copying it. `--out` must be a folder every worker sees.
 
 Every TrainConfig field is a flag (`--max-steps 100 --batch-size 8 --grad-accum 4 --lr 1e-3 --max-length 512
 --seed 0 --save-every 50`); nested ones take `--set model.projector=linear`; `--config` reads a YAML base.

@@ -306,6 +306,8 @@ def describe_validation_error(err: ValidationError) -> str:
     extra = f" ({len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"Unknown config field {where!r}; check the spelling against configs/sample.yaml{extra}."
+    if first["type"] == "value_error" and not where:  # a whole-config rule (a model validator's own words)
+        return f"Bad config: {first['ctx']['error']}{extra}."
     if first["type"] == "value_error":  # our validators' own words, without pydantic's "Value error, "
         return f"Bad config value {where}={first.get('input')!r}: {first['ctx']['error']}{extra}."
     return f"Bad config value {where}={first.get('input')!r}: {first['msg']}{extra}."

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.test_trainer import tiny, train_config  # noqa: F401 - tiny: the tiny model parts fixture
 
 
@@ -94,3 +94,75 @@ def test_the_kuberay_rayjob_runs_a_train_command_our_cli_accepts():
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert config.workers * config.gpus_per_worker == gpus and config.stage == "finetune"
+
+
+def checkpoint_tensors(run) -> dict:
+    """Every tensor a run's newest checkpoint holds (projector and, when the LM trained, its weights)."""
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import find_checkpoint
+
+    checkpoint = find_checkpoint(run)
+    return {f"{f.parent.name}/{k}": v for f in sorted(checkpoint.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_fully_sharded_workers_follow_one_process_write_whole_weights_and_resume(tiny, ray_head, tmp_path):
+    from trainer.checkpoint import load_vlm
+    from trainer.distributed import train_on_ray
+    from trainer.train import Trainer
+
+    Trainer(train_config(tiny, tmp_path / "one", batch_size=4, grad_accum=2, save_every=100), progress=False).run()
+    sharded = train_config(tiny, tmp_path / "fsdp", batch_size=2, grad_accum=2, save_every=3, workers=2, shard="full")
+    train_on_ray(sharded)
+    assert close(losses(tmp_path / "fsdp"), losses(tmp_path / "one")) <= 1e-4, (losses(tmp_path / "fsdp"), losses(tmp_path / "one"))
+
+    # the checkpoint holds whole tensors, the files a one-process run writes, with its values
+    one, fsdp = checkpoint_tensors(tmp_path / "one"), checkpoint_tensors(tmp_path / "fsdp")
+    assert any(k.startswith("lm/") for k in one) and sorted(one) == sorted(fsdp)
+    for key in one:
+        assert one[key].shape == fsdp[key].shape, key
+        assert (one[key] - fsdp[key]).abs().max() <= 1e-4 * max(1.0, float(one[key].abs().max())), key
+    assert load_vlm(tmp_path / "fsdp").num_patches == 16
+
+    train_on_ray(sharded.model_copy(update={"out": str(tmp_path / "resumed"), "stop_at_step": 3}))
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-000003"]
+    train_on_ray(sharded.model_copy(update={"out": str(tmp_path / "resumed")}))
+    assert close(losses(tmp_path / "resumed"), losses(tmp_path / "fsdp")) <= 1e-6
+
+
+def _shares_of_a_sharded_vlm(rank: int, model, port: int, out) -> None:
+    """One of two gloo workers: wraps the tiny VLM as the trainer does with shard=full; writes what it holds."""
+    import os
+
+    import torch.distributed as dist
+
+    from trainer.checkpoint import build_vlm
+    from trainer.distributed import wrap
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    vlm = wrap(build_vlm(model), "cpu", shard="full")
+    held = {name: (p.to_local().numel() if hasattr(p, "to_local") else p.numel(), p.numel())
+            for name, p in vlm.named_parameters()}
+    (out / f"rank{rank}.json").write_text(json.dumps(held))
+    dist.destroy_process_group()
+
+
+def test_shard_full_splits_every_lm_block_and_the_projector_and_keeps_the_vision_tower_whole(tiny, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_shares_of_a_sharded_vlm, args=(tiny["model"], free_port(), tmp_path), nprocs=2)
+    held = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name, (local, whole) in held[0].items():
+        if name.startswith("vision_tower."):
+            assert local == whole, name  # replicated: frozen, never gathered
+        else:
+            assert local + held[1][name][0] == whole and local < whole, name  # each worker holds its part
+    assert any(".layers." in name for name in held[0]) and any(n.startswith("projector.") for n in held[0])
+
+
+def test_shard_full_without_workers_is_one_sentence():
+    done = subprocess.run([sys.executable, "pipelines/train.py", "--shard", "full", "--stage", "finetune"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "shard=full shards the model across Ray Train workers; add --workers N" in done.stderr

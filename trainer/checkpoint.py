@@ -100,22 +100,29 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _under(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def save_checkpoint(out: Path, vlm: VisionLanguageModel, config: TrainConfig, modules: list[dict],
-                    trainer_state: dict) -> Path:
+                    trainer_state: dict, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """`weights`: the VLM's state dict with whole tensors (gathered from the workers of a sharded run);
+    default the VLM's own."""
+    weights = vlm.state_dict() if weights is None else weights
     final = out / CHECKPOINTS / f"step-{trainer_state['step']:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_config(config, tmp / "config.yaml")
     (tmp / "modules.json").write_text(json.dumps(modules, indent=1))
-    save_file({k: v.detach().cpu().contiguous() for k, v in vlm.projector.state_dict().items()},
+    save_file({k: v.detach().cpu().contiguous() for k, v in _under(weights, "projector.").items()},
               tmp / "projector.safetensors")
-    lm = vlm.language_model
+    lm, lm_weights = vlm.language_model, _under(weights, "language_model.")
     if hasattr(lm, "peft_config"):
         # adapters only: the resized embeddings are frozen and rebuilt deterministically (add_image_token)
-        lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        lm.save_pretrained(tmp / "adapter", save_embedding_layers=False, state_dict=lm_weights)
     elif any(p.requires_grad for p in lm.parameters()):
-        lm.save_pretrained(tmp / "lm")
+        lm.save_pretrained(tmp / "lm", state_dict=lm_weights)
         vlm.tokenizer.save_pretrained(tmp / "lm")
     torch.save({**trainer_state, "rng": rng_states()}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.config import ClipConfig, apply_override, describe_validation_error
 from schemas.config import read_yaml as schemas_read_yaml
@@ -80,9 +80,13 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, ge=1, description="newest checkpoints kept in out/checkpoints")
     gradient_checkpointing: bool = False
     device: str = "auto"
-    workers: int | None = Field(default=None, ge=1, description="data-parallel Ray Train workers (DDP); default one "
-                                                                "process without Ray")
+    workers: int | None = Field(default=None, ge=1, description="data-parallel Ray Train workers (DDP, or FSDP "
+                                                                "with shard=full); default one process without Ray")
     gpus_per_worker: float = Field(default=0, ge=0, description="GPUs each Ray Train worker holds")
+    shard: Literal["none", "full"] = Field(default="none", description="none: every worker holds the whole model "
+                                                                       "(DDP); full: parameters, gradients and "
+                                                                       "optimizer state sharded across the workers "
+                                                                       "(FSDP), for an LM that does not fit one device")
     stop_at_step: int | None = Field(default=None, ge=1, description="end this run after that optimizer step (with a "
                                                                      "checkpoint); a later run with the same --out "
                                                                      "continues")
@@ -101,6 +105,12 @@ class TrainConfig(_Section):
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)  # alpha = 2r, as LLaVA's LoRA recipe
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)  # LLaVA's LoRA recipe
+
+    @model_validator(mode="after")
+    def _sharding_needs_workers(self) -> "TrainConfig":
+        if self.shard == "full" and not self.workers:
+            raise ValueError("shard=full shards the model across Ray Train workers; add --workers N")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

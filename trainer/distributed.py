@@ -1,6 +1,14 @@
 """Data-parallel training on Ray Train: the same Trainer loop in N worker processes (`TorchTrainer`, which
 starts the torch.distributed process group: gloo on CPUs, NCCL on GPUs), the model wrapped in
-DistributedDataParallel.
+DistributedDataParallel (`shard: none`), or fully sharded with torch's FSDP (`shard: full`).
+
+- FSDP: each decoder block of the LM is one unit (its parameters gathered just before it runs and freed
+  after), the rest that trains (embeddings, final norm, LM head, projector) the root unit; the frozen
+  vision tower stays whole on every worker (no gradient to reduce, and gathering it every step would move
+  it for nothing). Gradients are reduce-scattered and averaged as DDP all-reduces and averages them, so the
+  loss curve is DDP's. A checkpoint gathers whole tensors to rank 0's CPU (every worker takes part), so it
+  is the same files a one-process run writes; the optimizer state is saved whole too, by parameter name,
+  and any number of FSDP workers can resume it.
 
 - One global data order (the single-process one, with a global batch of workers x batch_size); worker r
   reads the r-th slice of each global micro-batch, so N workers with batch b see exactly the samples one
@@ -14,6 +22,7 @@ DistributedDataParallel.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -38,9 +47,11 @@ def global_sum(value: float) -> float:
     return float(tensor.item())
 
 
-def wrap(vlm: torch.nn.Module, device: str) -> torch.nn.Module:
+def wrap(vlm: torch.nn.Module, device: str, shard: str = "none") -> torch.nn.Module:
     """DDP around the VLM when there are several workers (unused parameters allowed: a micro-batch of
-    text-only samples leaves the projector out of the graph)."""
+    text-only samples leaves the projector out of the graph), or the VLM itself fully sharded in place."""
+    if shard == "full":
+        return fully_sharded(vlm)
     if rank_and_size()[1] == 1:
         return vlm
     from torch.nn.parallel import DistributedDataParallel
@@ -49,6 +60,77 @@ def wrap(vlm: torch.nn.Module, device: str) -> torch.nn.Module:
     index = torch.device(device).index if on_cuda else None
     return DistributedDataParallel(vlm, device_ids=[index] if on_cuda and index is not None else None,
                                    find_unused_parameters=True)
+
+
+def fully_sharded(vlm: torch.nn.Module) -> torch.nn.Module:
+    """The VLM under FSDP (module docstring): one unit per decoder block, the root for the rest, the vision
+    tower left out. Every worker must run every trainable parameter in every micro-batch (a collective per
+    unit); the VLM's forward does, as it projects even an empty batch of images."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name, stack in vlm.language_model.named_modules():
+        if name.endswith("layers") and isinstance(stack, torch.nn.ModuleList):
+            for block in stack:
+                fully_shard(block)
+    fully_shard(vlm, ignored_params=set(vlm.vision_tower.parameters()))
+    return vlm
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Gradients reduced across workers at the end of this backward (the last micro-batch of a step), or only
+    accumulated on each worker (the others)."""
+    if enabled or rank_and_size()[1] == 1:
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
+
+
+def _whole():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
+
+
+def full_weights(vlm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The VLM's state dict with whole tensors; sharded, every worker must call it, and only rank 0 gets them."""
+    if not is_sharded(vlm):
+        return vlm.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(vlm, options=_whole())
+
+
+def optimizer_state(vlm: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state to save (sharded: whole, by parameter name, to rank 0; every worker calls it)."""
+    if not is_sharded(vlm):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(vlm, optimizer, options=_whole())
+
+
+def load_optimizer_state(vlm: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """What `optimizer_state` saved, back into this run's optimizer (sharded: each worker keeps its shard)."""
+    if not is_sharded(vlm):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(vlm, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 class ShardOf(torch.utils.data.Sampler):

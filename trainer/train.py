@@ -10,7 +10,6 @@ same loss curve.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -30,7 +29,8 @@ from trainer.checkpoint import (CHECKPOINTS, build_vlm, check_architecture, chec
 from trainer.config import TrainConfig, autocast, save_config
 from trainer.conversation import IGNORE, ConversationEncoder
 from trainer.budget import check_token_budget
-from trainer.distributed import ShardOf, global_sum, rank_and_size, wrap
+from trainer.distributed import (ShardOf, full_weights, global_sum, gradient_sync, load_optimizer_state,
+                                 optimizer_state, rank_and_size, wrap)
 from trainer.data import Collate, EpochOrder, LengthGroupedOrder, RowView, TrainingSamples, open_rows
 from trainer.language_model import pad_token_id
 from trainer.stages import apply_stage, format_table, learning_rate, stage_spec
@@ -71,7 +71,7 @@ class Trainer:
             load_weights(self.vlm, start, config.lora)
         self.vlm.to(self.device)
         self.rank, self.world = rank_and_size()  # (0, 1) unless Ray Train started workers (trainer/distributed.py)
-        self.model = wrap(self.vlm, self.device)  # DDP across workers; the VLM itself in one process
+        self.model = wrap(self.vlm, self.device, config.shard)  # DDP or FSDP across workers; the VLM in one process
 
         encoder = ConversationEncoder(self.vlm.tokenizer, self.vlm.image_token_id, self.vlm.num_patches,
                                       self.spec.render, config.max_length)
@@ -91,7 +91,7 @@ class Trainer:
         self.step = 0
         if resume is not None:
             state = load_trainer_state(resume)
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.vlm, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = state["step"]
             set_rng_states(state["rng"])
@@ -115,7 +115,7 @@ class Trainer:
             check_architecture(start, config.model)
         if resume is not None:
             saved = saved_config(resume)
-            knobs = ("stage", "lora", "lm_layers", "freeze", "projector_lr")
+            knobs = ("stage", "lora", "lm_layers", "freeze", "projector_lr", "shard")  # shard: the optimizer's format
             if any(getattr(saved, k) != getattr(config, k) for k in knobs):
                 was = ", ".join(f"{k}={getattr(saved, k)}" for k in knobs)
                 now = ", ".join(f"{k}={getattr(config, k)}" for k in knobs)
@@ -150,11 +150,11 @@ class Trainer:
         for i, (batch, count) in enumerate(zip(micro_batches, counts)):
             positions += batch["attention_mask"].numel()
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            last = i == len(micro_batches) - 1  # DDP reduces gradients once, after the last micro-batch
-            with self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext():
+            last = i == len(micro_batches) - 1  # gradients are reduced once, after the last micro-batch
+            with gradient_sync(self.model, enabled=last):
                 with self.autocast():
                     loss = self.model(**batch).loss  # mean over this micro-batch's supervised tokens
-                # DDP averages over workers: scaled by `world`, the sum is the step's token mean
+                # DDP and FSDP average over workers: scaled by `world`, the sum is the step's token mean
                 (loss * (count * self.world / supervised)).backward()
             loss_sum += loss.item() * count
             tokens += int(batch["attention_mask"].sum())
@@ -169,10 +169,14 @@ class Trainer:
         return {"step": self.step, "loss": loss_sum / supervised, "lr": lr, "tokens": tokens,
                 "supervised_tokens": int(supervised), "positions": positions, "padding_share": 1 - tokens / positions}
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Every worker calls it (gathering sharded weights and optimizer state takes all of them); rank 0 writes."""
+        weights, optimizer = full_weights(self.vlm), optimizer_state(self.vlm, self.optimizer)
+        if self.rank != 0:
+            return None
         state = {"step": self.step, "samples_seen": self.step * self.config.batch_size * self.config.grad_accum * self.world,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        path = save_checkpoint(self.out, self.vlm, self.config, self.modules, state)
+                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        path = save_checkpoint(self.out, self.vlm, self.config, self.modules, state, weights)
         prune_checkpoints(self.out, self.config.keep_checkpoints)
         return path
 
@@ -200,6 +204,7 @@ class Trainer:
         log(self.budget.summary() + (f" (ids in {self.out / 'token_budget.json'})" if self.budget.dropped else "") + "\n")
         log(f"{self.spec.name} ({self.spec.data}): {len(self.samples)} samples, {self.max_steps} steps of {self.config.batch_size}x"
             f"{self.config.grad_accum}" + (f" on each of {self.world} workers" if self.world > 1 else "")
+            + (", parameters sharded (FSDP)" if self.config.shard == "full" else "")
             + f", lr {self.lr:g}, device {self.device}"
             + (f", resumed at step {self.step} from {self.resumed_from}" if self.resumed_from else "") + "\n")
         log(format_table(self.modules) + "\n")
@@ -219,8 +224,8 @@ class Trainer:
                 history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                if writer and (self.step % self.config.save_every == 0 or self.step in (self.max_steps, stop)):
-                    self.save()
+                if self.step % self.config.save_every == 0 or self.step in (self.max_steps, stop):
+                    self.save()  # on every worker: a sharded model's checkpoint is gathered by all of them
         if history:
             padding = 1 - sum(r["tokens"] for r in history) / sum(r["positions"] for r in history)
             log(f"padding: {padding:.1%} of the batch positions of these {len(history)} steps"

@@ -5,10 +5,10 @@ r"""Trainer batches and workers on the demo world's data (issue 16), in one run:
 1. Length grouping: the padding share of one epoch of the with-negatives arm (the proof's Stage-2 data) with
    and without `group_by_length`, and the tokens/s (real, non-pad tokens) of Stage-2 steps of each, run
    alternately one step at a time so both see the same background load.
-2. Workers: `--steps` Stage-2 steps from the proof's Stage-1 checkpoint as one process with batch 2b and as
-   2 Ray Train workers (DDP, gloo) with batch b each, on a local Ray head: wall time, tokens/s, the scaling
-   ratio (2 workers' tokens/s over 1 process's) and both loss curves (the same global batches, so the
-   curves should agree within bf16 noise).
+2. Workers: `--steps` Stage-2 steps from the proof's Stage-1 checkpoint as one process with batch 2b, as
+   2 Ray Train workers (DDP, gloo) with batch b each, and as 2 workers fully sharded (FSDP, `shard: full`),
+   on a local Ray head: wall time, tokens/s, the scaling ratio (2 workers' tokens/s over 1 process's) and
+   the loss curves (the same global batches, so the curves should agree within bf16 noise).
 
 Saves bench/results/train_scale.json. On 2 cores, 2 workers (1 CPU each) compete with each other for the
 same cores that one process uses with 2 threads; the ratio says what DDP costs, not what more machines give.
@@ -89,18 +89,26 @@ def workers(version: Path, tmp: Path, batch_size: int, steps: int) -> dict:
         started = time.perf_counter()
         train_on_ray(finetune_config(version, tmp / "two", batch_size=batch_size, max_steps=steps, workers=2))
         two_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        train_on_ray(finetune_config(version, tmp / "fsdp", batch_size=batch_size, max_steps=steps, workers=2,
+                                     shard="full"))
+        fsdp_seconds = time.perf_counter() - started
         ray.shutdown()
     finally:
         if owned:
             stop_head()
-    one, two = curve(tmp / "one"), curve(tmp / "two")
-    rate = {name: sum(r["tokens"] for r in c) / sum(r["seconds"] for r in c) for name, c in (("one", one), ("two", two))}
-    return {"steps": steps, "global_batch": 2 * batch_size,
-            "one_process": {"wall_s": one_seconds, "tokens_per_s": rate["one"], "loss": [r["loss"] for r in one]},
-            "two_workers": {"wall_s": two_seconds, "tokens_per_s": rate["two"], "loss": [r["loss"] for r in two]},
-            "scaling_ratio": rate["two"] / rate["one"],
-            "final_loss_relative_difference": abs(two[-1]["loss"] - one[-1]["loss"]) / one[-1]["loss"],
-            "max_loss_relative_difference": max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(two, one))}
+    one = curve(tmp / "one")
+    rate = sum(r["tokens"] for r in one) / sum(r["seconds"] for r in one)
+    results = {"steps": steps, "global_batch": 2 * batch_size,
+               "one_process": {"wall_s": one_seconds, "tokens_per_s": rate, "loss": [r["loss"] for r in one]}}
+    for name, folder, seconds in (("two_workers", "two", two_seconds), ("two_workers_fsdp", "fsdp", fsdp_seconds)):
+        run = curve(tmp / folder)
+        tokens_per_s = sum(r["tokens"] for r in run) / sum(r["seconds"] for r in run)
+        results[name] = {"wall_s": seconds, "tokens_per_s": tokens_per_s, "loss": [r["loss"] for r in run],
+                         "scaling_ratio": tokens_per_s / rate,
+                         "final_loss_relative_difference": abs(run[-1]["loss"] - one[-1]["loss"]) / one[-1]["loss"],
+                         "max_loss_relative_difference": max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(run, one))}
+    return results
 
 
 def main() -> None:

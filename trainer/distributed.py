@@ -7,8 +7,8 @@ DistributedDataParallel (`shard: none`), or fully sharded with torch's FSDP (`sh
   vision tower stays whole on every worker (no gradient to reduce, and gathering it every step would move
   it for nothing). Gradients are reduce-scattered and averaged as DDP all-reduces and averages them, so the
   loss curve is DDP's. A checkpoint gathers whole tensors to rank 0's CPU (every worker takes part), so it
-  is the same files a one-process run writes; the optimizer state is saved whole too, by parameter name,
-  and any number of FSDP workers can resume it.
+  is the same files a one-process run writes; the optimizer state is saved whole too, by parameter name
+  (one file, not one per worker), and each worker takes its shard back on resume.
 
 - One global data order (the single-process one, with a global batch of workers x batch_size); worker r
   reads the r-th slice of each global micro-batch, so N workers with batch b see exactly the samples one

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -167,9 +168,11 @@ def stage_part(records: int, workdir: Path) -> dict:
     try:
         for concurrency in (16, 64, 256):
             server = FakeServer(LATENCY)
+            cache = workdir / f"cache-{concurrency}"
+            shutil.rmtree(cache, ignore_errors=True)  # an earlier run's answers would be cache hits, not requests
             config = load_config(CONFIG, ["teacher.kind=openai", f"teacher.base_url={server.base_url}",
                                           "teacher.model=fake-teacher", f"teacher.concurrency={concurrency}",
-                                          f"teacher.cache_dir={workdir / f'cache-{concurrency}'}",
+                                          f"teacher.cache_dir={cache}",
                                           "objects.annotations=[]"])
             generate = next(s for s in stage_plan(config) if s.name == "generate")
             start = time.perf_counter()

@@ -6,6 +6,7 @@ change it whenever a prompt, an example or an output model changes.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 
@@ -39,6 +40,7 @@ class Reasoning(_Output):
     answer: str = Field(min_length=1, max_length=800)
 
 
+@functools.lru_cache(maxsize=None)  # one class per n: the teacher client caches its JSON schema by class
 def rephrasings_model(n: int) -> type[_Output]:
     """Exactly n answers, one per probe, in order."""
     return type(f"Rephrasings{n}", (_Output,), {"__annotations__": {"answers": list[str]},

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import os
 import random
@@ -74,7 +75,9 @@ class TeacherRequest:
     usage: TeacherUsage | None = None  # also counted here (per image), besides the client's total
 
 
+@functools.lru_cache(maxsize=256)  # per (kind, output model): pydantic builds a schema in about a millisecond
 def response_format(kind: str, output: type[BaseModel]) -> dict[str, Any]:
+    """The request's `response_format` (shared: callers must not change it)."""
     schema = output.model_json_schema()
     if kind == "json_object":  # llama.cpp's server: grammar-constrained JSON from the schema
         return {"type": "json_object", "schema": schema}
@@ -152,7 +155,8 @@ class TeacherClient:
 
     async def complete(self, client: openai.AsyncOpenAI, request: TeacherRequest) -> BaseModel:
         fmt = response_format(self.format_kind, request.output)
-        key = cache_key(self.config.model, self.prompt_version, request.messages, self._sampling(request.seed), fmt)
+        key = None if self.cache is None else cache_key(self.config.model, self.prompt_version, request.messages,
+                                                        self._sampling(request.seed), fmt)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self._count(request, "cache_hits")
             return request.output.model_validate_json(hit["content"])
@@ -183,14 +187,17 @@ class TeacherClient:
             self._count(request, "requests")
             try:
                 async with self._limit:  # the slot is held while the server works, not during backoff
-                    response = await client.chat.completions.create(
-                        model=self.config.model, messages=request.messages, response_format=fmt, **sampling)
-                content = response.choices[0].message.content
+                    # chat.completions.create's own POST, without its per-request walk over the (long, already
+                    # plain-JSON) messages and its typed response: about half the client's CPU per request
+                    text = await client.post("/chat/completions", cast_to=str, body={
+                        "model": self.config.model, "messages": request.messages, "response_format": fmt, **sampling})
+                answer = json.loads(text)
+                content = answer["choices"][0]["message"]["content"]
                 if not isinstance(content, str):
                     raise TypeError("no message content")
-                if response.usage is not None:
-                    self._count(request, "prompt_tokens", response.usage.prompt_tokens or 0)
-                    self._count(request, "completion_tokens", response.usage.completion_tokens or 0)
+                usage = answer.get("usage") or {}
+                self._count(request, "prompt_tokens", usage.get("prompt_tokens") or 0)
+                self._count(request, "completion_tokens", usage.get("completion_tokens") or 0)
                 return content
             except openai.RateLimitError as err:
                 last, wait = "http_429", retry_after_seconds(err)

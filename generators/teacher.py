@@ -35,6 +35,9 @@ from schemas.config import TeacherConfig
 from schemas.errors import UserError
 
 
+POOL_CONNECTIONS = 16  # connections per HTTP client; a client holds ceil(concurrency / 16) of them
+
+
 class TeacherError(Exception):
     """A request that failed for good; `kind` becomes the record's reason (`teacher_error:<kind>`)."""
 
@@ -100,8 +103,8 @@ class TeacherClient:
         self.usage = TeacherUsage()
         self._start_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: openai.AsyncOpenAI | None = None
-        self._limit: asyncio.Semaphore | None = None
+        self._clients: list[openai.AsyncOpenAI] = []
+        self._slots: asyncio.Queue | None = None  # one entry per request allowed in flight: the client to send it on
 
     def _count(self, request: TeacherRequest, name: str, n: int = 1) -> None:
         for usage in (self.usage, request.usage):
@@ -127,10 +130,18 @@ class TeacherClient:
                 threading.Thread(target=loop.run_forever, name="teacher-client", daemon=True).start()
 
                 async def open_client():
-                    self._limit = asyncio.Semaphore(self.concurrency)
-                    self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key(), max_retries=0,
-                                                      timeout=self.config.timeout,
-                                                      http_client=openai.DefaultAsyncHttpxClient(limits=pool_limits(self.concurrency)))
+                    # several small connection pools rather than one wide one: httpx scans every connection of
+                    # its pool for each request, so the CPU a request costs would grow with the concurrency
+                    sizes = [min(POOL_CONNECTIONS, self.concurrency - start)
+                             for start in range(0, self.concurrency, POOL_CONNECTIONS)]
+                    self._clients = [openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key(), max_retries=0,
+                                                        timeout=self.config.timeout,
+                                                        http_client=openai.DefaultAsyncHttpxClient(limits=pool_limits(size)))
+                                     for size in sizes]
+                    self._slots = asyncio.Queue()
+                    for index, size in enumerate(sizes):
+                        for _ in range(size):
+                            self._slots.put_nowait(index)
                 asyncio.run_coroutine_threadsafe(open_client(), loop).result()
                 self._loop = loop
             return self._loop
@@ -147,13 +158,13 @@ class TeacherClient:
     async def _run_all(self, requests: list[TeacherRequest]) -> list[BaseModel | TeacherError]:
         async def one(request: TeacherRequest):
             try:
-                return await self.complete(self._client, request)
+                return await self.complete(request)
             except TeacherError as err:
                 self._count(request, "failed")
                 return err
         return await asyncio.gather(*(one(r) for r in requests))
 
-    async def complete(self, client: openai.AsyncOpenAI, request: TeacherRequest) -> BaseModel:
+    async def complete(self, request: TeacherRequest) -> BaseModel:
         fmt = response_format(self.format_kind, request.output)
         key = None if self.cache is None else cache_key(self.config.model, self.prompt_version, request.messages,
                                                         self._sampling(request.seed), fmt)
@@ -162,7 +173,7 @@ class TeacherClient:
             return request.output.model_validate_json(hit["content"])
         sampling = self._sampling(request.seed)
         for invalid in range(self.config.max_invalid_retries + 1):
-            content = await self._call(client, request, fmt, sampling)
+            content = await self._call(request, fmt, sampling)
             try:
                 answer = request.output.model_validate_json(content)
             except ValidationError:
@@ -177,7 +188,7 @@ class TeacherClient:
             return answer
         raise TeacherError("invalid_output")
 
-    async def _call(self, client: openai.AsyncOpenAI, request: TeacherRequest, fmt: dict, sampling: dict) -> str:
+    async def _call(self, request: TeacherRequest, fmt: dict, sampling: dict) -> str:
         """One answer's text, retrying transient failures; TeacherError once retries are spent."""
         last, wait = "unknown", None
         for attempt in range(self.config.max_retries + 1):
@@ -186,11 +197,14 @@ class TeacherClient:
             wait = None
             self._count(request, "requests")
             try:
-                async with self._limit:  # the slot is held while the server works, not during backoff
+                slot = await self._slots.get()  # held while the server works, not during backoff
+                try:
                     # chat.completions.create's own POST, without its per-request walk over the (long, already
                     # plain-JSON) messages and its typed response: about half the client's CPU per request
-                    text = await client.post("/chat/completions", cast_to=str, body={
+                    text = await self._clients[slot].post("/chat/completions", cast_to=str, body={
                         "model": self.config.model, "messages": request.messages, "response_format": fmt, **sampling})
+                finally:
+                    self._slots.put_nowait(slot)
                 answer = json.loads(text)
                 content = answer["choices"][0]["message"]["content"]
                 if not isinstance(content, str):

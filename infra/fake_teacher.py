@@ -77,13 +77,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body)
 
     def do_POST(self) -> None:  # noqa: N802
+        arrived = time.monotonic()  # the answer leaves `latency` after this, whatever building it took
         request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         fake = self.server.owner
         fake.started()
         try:
-            time.sleep(fake.latency)
             seed = hashlib.sha1(json.dumps(request, sort_keys=True).encode()).hexdigest()
             content = json.dumps(fake.answer(request, seed))
+            time.sleep(max(0.0, fake.latency - (time.monotonic() - arrived)))
             self._send(200, {"id": f"chatcmpl-{seed[:12]}", "object": "chat.completion", "created": 0,
                              "model": request.get("model", "fake-teacher"),
                              "choices": [{"index": 0, "finish_reason": "stop",

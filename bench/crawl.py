@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from filters.validate import ImageValidator
-from infra.embedded_teacher import free_port
+from pipelines.services.embedded_teacher import free_port
 from infra.sample_world import render_world
 from infra.world_noise import EXPECTED_REASON, prepare_world
 from infra.world_server import WorldServer

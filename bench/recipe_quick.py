@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
-from generators.objects import load_coco_instances
+from schemas.coco import load_coco_instances
 from schemas.config import GenerateConfig, ObjectsConfig
 from schemas.records import llava_conversation
 

@@ -1,7 +1,7 @@
 """Teacher throughput, two parts, each compared as ratios measured in the same run:
 
 1. The embedded teacher (llama.cpp, SmolLM2-135M): requests/s and prompt tokens evaluated per request, with
-   every prompt evaluated from scratch and with the shared prefix restored (infra/llama_server.py). Both
+   every prompt evaluated from scratch and with the shared prefix restored (pipelines/services/llama_server.py). Both
    servers run side by side and take the same requests (mixed task types) in alternating rounds.
 2. The generate stage on Ray (one actor) against the fake served model (infra/fake_teacher.py, its own
    process, 0.5 s a request, no concurrency limit) at teacher.concurrency 16, 64 and 256: the achieved rate
@@ -33,8 +33,8 @@ from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.instructions import TEACHER_TYPES
 from generators.prompts import PROMPT_VERSION, rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import TeacherClient, TeacherRequest, response_format
-from generators.vocabulary import COCO_CATEGORIES
-from infra.embedded_teacher import EmbeddedTeacher, free_port, served_prompts
+from schemas.vocabulary import COCO_CATEGORIES
+from pipelines.services.embedded_teacher import EmbeddedTeacher, free_port, served_prompts
 from infra.local_cluster import LOOPBACK_ONLY_ENV, start_head, stop_head
 from schemas.config import load_config
 from schemas.records import KEEP, ImageRecord, ObjectAnnotation

@@ -23,8 +23,8 @@ import numpy as np
 from evals.noise_eval import read_rows
 from filters.grounding import mentions
 from filters.yes_no import answer_to_label
-from generators.objects import load_coco_instances, url_file_name
-from generators.vocabulary import COCO_CATEGORIES
+from schemas.coco import load_coco_instances, url_file_name
+from schemas.vocabulary import COCO_CATEGORIES
 from schemas.config import PipelineConfig
 
 
@@ -77,7 +77,7 @@ def evaluate_answers(rows: list[dict], truth: dict[str, list], vocabulary: tuple
 
 
 def evaluate_tagging(config: PipelineConfig, rows: list[dict], truth: dict[str, list]) -> dict | None:
-    from generators.objects import ClipObjectTagger
+    from filters.object_tagger import ClipObjectTagger
 
     rows = [r for r in rows if r["embedding"] is not None and url_file_name(r["url"]) in truth]
     if not rows:

@@ -282,6 +282,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import exit_on_user_error
+    from schemas.errors import exit_on_user_error
 
     exit_on_user_error(main)

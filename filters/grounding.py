@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from filters.yes_no import answer_to_label, is_bare_yes_no, opening_yes_no
-from generators.vocabulary import COCO_CATEGORIES, NUMBER_WORDS, mention_pattern, surface_forms
+from schemas.vocabulary import COCO_CATEGORIES, NUMBER_WORDS, mention_pattern, surface_forms
 from schemas.records import IMAGE_TOKEN, ImageRecord, ObjectAnnotation, StageResult, llava_conversation
 
 _NEGATORS = {"no", "not", "never", "without", "none", "neither", "nor", "nothing", "cannot", "absent", "lacks"}

@@ -27,7 +27,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from generators.vocabulary import COCO_CATEGORIES, be, noun_phrase
+from schemas.vocabulary import COCO_CATEGORIES, be, noun_phrase
 from schemas.config import GenerateConfig, ObjectsConfig
 from schemas.records import ImageRecord, ObjectAnnotation, StageResult
 

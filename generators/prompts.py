@@ -12,7 +12,7 @@ from collections import Counter
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from generators.vocabulary import noun_phrase
+from schemas.vocabulary import noun_phrase
 from schemas.records import ObjectAnnotation, neutralize_placeholders
 
 PROMPT_VERSION = "2026-11-30.1"

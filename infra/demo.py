@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from infra.local_cluster import HOST, dashboard_url, ray_executable, start_head, stop_head
-from infra.processes import dies_with_parent
+from pipelines.services.processes import dies_with_parent
 from infra.world_noise import prepare_world
 from infra.world_server import WorldServer
-from pipelines.cli import disk_full_is_user_error, exit_on_user_error, parser
+from schemas.errors import disk_full_is_user_error, exit_on_user_error
+from pipelines.cli import parser
 from pipelines.run import RunDirectory, check_output_root, code_revision, format_summary
 from schemas.config import load_config
 from schemas.errors import UserError

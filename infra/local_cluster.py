@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from infra.processes import OwnerLock
+from pipelines.services.processes import OwnerLock
 
 DASHBOARD_PORT = 8265
 GCS_PORT = 6390  # not Ray's 6379 default, so a Redis on this machine does not collide

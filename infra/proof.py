@@ -216,7 +216,8 @@ def evaluate(proof: ProofConfig, version: Path, world: Path, out: Path, arm: str
 
 
 def main() -> None:
-    from pipelines.cli import exit_on_user_error, parse_config, parser
+    from schemas.errors import exit_on_user_error
+    from pipelines.cli import parse_config, parser
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--version", required=True, help="published dataset version: outputs/<name>/<version>")

@@ -101,7 +101,7 @@ def category_by_name(name: str) -> Category:
 
 
 # How category names are spoken lives with the generators, so captions and answers agree.
-from generators.vocabulary import indefinite, noun_phrase, plural  # noqa: E402,F401
+from schemas.vocabulary import indefinite, noun_phrase, plural  # noqa: E402,F401
 
 
 # Object priors follow COCO co-occurrence: what you find in a kitchen photo is cups, bowls

@@ -193,7 +193,8 @@ def prepare_world(config: WorldConfig, workers: int = 2) -> Path:
 
 
 def main() -> None:
-    from pipelines.cli import exit_on_user_error, parse_config, parser
+    from schemas.errors import exit_on_user_error
+    from pipelines.cli import parse_config, parser
 
     args = parser(__doc__.splitlines()[0]).parse_args()
     exit_on_user_error(lambda: prepare_world(parse_config(args).world))

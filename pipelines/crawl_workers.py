@@ -4,7 +4,7 @@
 `Downloader` with `download_image_with_retry` swapped for `fetch_image` in whichever process runs a
 shard: multiprocessing spawn workers and Ray workers unpickle this class, so they import this module)
 and `GuardedLoggerProcess` (its stats printer). Both ask for SIGTERM when the pipeline's process dies
-(`infra.processes.follow_parent`): a `kill -9` of the pipeline leaves no crawl process behind.
+(`pipelines.services.processes.follow_parent`): a `kill -9` of the pipeline leaves no crawl process behind.
 This module imports img2dataset; `pipelines.crawl` imports it only when it crawls.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports al
 from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.logger import LoggerProcess  # noqa: E402
 
-from infra.processes import follow_parent  # noqa: E402
+from pipelines.services.processes import follow_parent  # noqa: E402
 from pipelines.fetch import FetchError, FetchSettings, fetch  # noqa: E402
 
 

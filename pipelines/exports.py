@@ -54,7 +54,7 @@ def sft_messages(conversations: list[dict]) -> list[dict]:
 
 def opposite_answer(probe: dict) -> str:
     """The probe's claim with the opposite label, in the program's own phrasing."""
-    from generators.vocabulary import be, noun_phrase
+    from schemas.vocabulary import be, noun_phrase
 
     name, question = probe["category"], probe["question"]
     if probe["label"] == "yes":

@@ -24,11 +24,11 @@ from typing import Iterator
 from evals.grounding_eval import evaluate_grounding
 from evals.noise_eval import evaluate_against_noise, read_rows
 from filters.clip_loader import resolve_weights
-from generators.objects import load_coco_instances
+from schemas.coco import load_coco_instances
 from generators.prompts import PROMPT_VERSION
 from generators.teacher import TeacherUsage, check_reachable
 from pipelines.dataset_card import write_dataset_card
-from pipelines.cli import disk_full_error, disk_full_is_user_error, no_space_sentence
+from schemas.errors import disk_full_error, disk_full_is_user_error, no_space_sentence
 from pipelines.publish import publish_dataset, push_record, push_version
 from pipelines.references import check_references, references_fingerprint
 from pipelines.stages import stage_plan
@@ -59,7 +59,7 @@ def teacher_endpoint(config: PipelineConfig, run: "RunDirectory") -> Iterator[Pi
     with disk_full_is_user_error(run.work), contextlib.ExitStack() as stack:
         teacher = config.teacher
         if teacher.kind == "embedded":
-            from infra.embedded_teacher import EmbeddedTeacher  # infra runs things; only the embedded kind needs it
+            from pipelines.services.embedded_teacher import EmbeddedTeacher  # only the embedded kind starts a server
 
             log = run.final.parent / f"{run.version}.teacher.log"
             log.parent.mkdir(parents=True, exist_ok=True)

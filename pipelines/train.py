@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
 
-from pipelines.cli import exit_on_user_error  # noqa: E402
+from schemas.errors import exit_on_user_error  # noqa: E402
 from trainer.config import TrainConfig, build_config, cli_parser, flag_fields, flag_value, read_yaml  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from evals.noise_eval import read_rows as read_dir  # noqa: F401 - tests read outputs as the manifest does
-from infra.embedded_teacher import free_port  # noqa: F401 - tests' servers bind where nothing listens
+from pipelines.services.embedded_teacher import free_port  # noqa: F401 - tests' servers bind where nothing listens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_teacher():
     """The real embedded teacher (llama.cpp server, SmolLM2-135M) on 127.0.0.1; yields (config, base_url)."""
-    from infra.embedded_teacher import EmbeddedTeacher
+    from pipelines.services.embedded_teacher import EmbeddedTeacher
     from schemas.config import load_config
 
     config = load_config(REPO / "configs" / "sample.yaml").teacher

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import disk_full_error
+from schemas.errors import disk_full_error
 from pipelines.crawl import classify_download_error
 from pipelines.url_list import read_url_list, with_uids
 from schemas.errors import UserError

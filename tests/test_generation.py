@@ -12,7 +12,7 @@ from generators.absent_objects import AbsentObjectSampler, absent_probe, fit_obj
 from generators.instructions import InstructionGenerator
 from generators.teacher import TeacherUsage
 from generators.teacher_cache import TeacherCache, cache_key
-from generators.vocabulary import COCO_CATEGORIES
+from schemas.vocabulary import COCO_CATEGORIES
 from schemas.config import GenerateConfig, ObjectsConfig, TeacherConfig
 from schemas.records import ImageRecord, ObjectAnnotation, llava_conversation
 

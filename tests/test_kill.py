@@ -67,11 +67,11 @@ def test_a_killed_run_leaves_nothing_running_and_the_next_run_completes(tmp_path
         while time.monotonic() < deadline and first.poll() is None:
             started = descendants(first.pid)
             crawling = any("spawn_main" in c for c in started.values()) and server.requests.get("/trickle.jpg")
-            if crawling and any("infra.llama_server" in c for c in started.values()):
+            if crawling and any("pipelines.services.llama_server" in c for c in started.values()):
                 break
             time.sleep(0.2)
         assert first.poll() is None, "the first run ended before the crawl was under way"
-        assert any("infra.llama_server" in c for c in started.values()), started
+        assert any("pipelines.services.llama_server" in c for c in started.values()), started
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         give_up = time.monotonic() + 30

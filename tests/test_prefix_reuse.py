@@ -1,5 +1,5 @@
 """The embedded teacher restores the prompts' shared prefix instead of evaluating it per request
-(infra/llama_server.py), and an answer still depends on its request alone: the same requests in three
+(pipelines/services/llama_server.py), and an answer still depends on its request alone: the same requests in three
 orders, with other requests in between, get byte-identical answers, the same as from an empty cache."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import openai
 from generators.instructions import TEACHER_TYPES
 from generators.prompts import rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import response_format
-from infra.embedded_teacher import EmbeddedTeacher, served_prompts
+from pipelines.services.embedded_teacher import EmbeddedTeacher, served_prompts
 from schemas.config import load_config
 from schemas.records import ObjectAnnotation
 from tests.conftest import REPO

@@ -16,7 +16,7 @@ from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.instructions import InstructionGenerator
 from generators.prompts import PROMPT_VERSION, Description, task_messages
 from generators.teacher import TeacherClient, TeacherRequest
-from infra.embedded_teacher import served_prompts
+from pipelines.services.embedded_teacher import served_prompts
 from infra.fault_proxy import FaultProxy
 from schemas.config import GenerateConfig, ObjectsConfig, load_config
 from schemas.records import ImageRecord, ObjectAnnotation

@@ -216,7 +216,7 @@ def test_missing_checkpoint_or_images_is_one_sentence(world, tmp_path):
 
 def test_cli_prints_the_sentence_and_exits_2(tmp_path, capsys):
     from evals.vlm_eval import main
-    from pipelines.cli import exit_on_user_error
+    from schemas.errors import exit_on_user_error
 
     with pytest.raises(SystemExit) as exit_:
         exit_on_user_error(lambda: main(["--checkpoint", str(tmp_path / "nope"), "--instances", "x", "--images", "y",

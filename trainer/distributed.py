@@ -48,8 +48,8 @@ def global_sum(value: float) -> float:
 
 
 def wrap(vlm: torch.nn.Module, device: str, shard: str = "none") -> torch.nn.Module:
-    """DDP around the VLM when there are several workers (unused parameters allowed: a micro-batch of
-    text-only samples leaves the projector out of the graph), or the VLM itself fully sharded in place."""
+    """DDP around the VLM when there are several workers (unused parameters allowed, for a language model
+    whose forward skips a module), or the VLM itself fully sharded in place."""
     if shard == "full":
         return fully_sharded(vlm)
     if rank_and_size()[1] == 1:

@@ -60,9 +60,8 @@ def grouping(version: Path, tmp: Path, batch_size: int, steps: int) -> dict:
     per_step = {False: [], True: []}
     for _ in range(steps):
         for grouped, trainer in trainers.items():
-            started = time.perf_counter()
-            record = trainer.run(until_step=trainer.step + 1)[0]
-            per_step[grouped].append((record["tokens"], time.perf_counter() - started, record["padding_share"]))
+            record = trainer.run(until_step=trainer.step + 1)[0]  # its own seconds: the step, not the checkpoint after it
+            per_step[grouped].append((record["tokens"], record["seconds"], record["padding_share"]))
     rate = {g: sum(t for t, _, _ in rows) / sum(s for _, s, _ in rows) for g, rows in per_step.items()}
     return {"samples": len(lengths), "mean_tokens": statistics.mean(lengths), "batch_size": batch_size,
             "epoch_padding_share": epoch, "steps_each": steps,

@@ -69,7 +69,10 @@ class Trainer:
         self.modules = apply_stage(self.vlm, self.spec, config)
         if start is not None:
             load_weights(self.vlm, start, config.lora)
-        self.vlm.to(self.device)
+        if config.shard == "full":  # fully_shard moves each unit to the device as it shards it: the whole LM
+            self.vlm.vision_tower.to(self.device)  # never sits on one device; the tower it leaves out is moved here
+        else:
+            self.vlm.to(self.device)
         self.rank, self.world = rank_and_size()  # (0, 1) unless Ray Train started workers (trainer/distributed.py)
         self.model = wrap(self.vlm, self.device, config.shard)  # DDP or FSDP across workers; the VLM in one process
 

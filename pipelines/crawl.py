@@ -9,6 +9,7 @@ ends with a status and a reason.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import tarfile
 from collections import Counter
@@ -55,13 +56,14 @@ def img2dataset_arguments(config: CrawlConfig, url_list: Path, shards_dir: Path,
 
 def crawl(config: CrawlConfig, url_list: Path, shards_dir: Path, distributor: str = "multiprocessing") -> None:
     """Crawls the shards not done yet; on a resumed run, then re-crawls the rows whose last failure was transient."""
-    from pipelines.crawl_workers import guarded_img2dataset  # first: it keeps albumentations from phoning home
+    from pipelines.crawl_workers import guarded_img2dataset, light_spawn  # first: it keeps albumentations from phoning home
 
     from img2dataset import download
 
     resumed = shards_dir.is_dir() and any(shards_dir.glob("*_stats.json"))
     # A shard that fails after img2dataset's own retries is reported by read_shard, row by row.
-    with guarded_img2dataset(FetchSettings.from_config(config)):
+    spawn = light_spawn() if distributor == "multiprocessing" else contextlib.nullcontext()
+    with guarded_img2dataset(FetchSettings.from_config(config)), spawn:
         download(**img2dataset_arguments(config, url_list, shards_dir, distributor))
         if resumed and config.recrawl_transient:
             passes = recrawl_passes(shards_dir)

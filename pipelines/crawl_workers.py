@@ -5,6 +5,7 @@
 shard: multiprocessing spawn workers and Ray workers unpickle this class, so they import this module)
 and `GuardedLoggerProcess` (its stats printer). Both ask for SIGTERM when the pipeline's process dies
 (`pipelines.services.processes.follow_parent`): a `kill -9` of the pipeline leaves no crawl process behind.
+`light_spawn()` keeps spawned workers from re-importing the pipeline's main module.
 This module imports img2dataset; `pipelines.crawl` imports it only when it crawls.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import importlib
 import io
 import os
+import sys
 from dataclasses import replace
 from functools import partial
 from typing import Iterator
@@ -70,3 +72,23 @@ def guarded_img2dataset(settings: FetchSettings) -> Iterator[None]:
         yield
     finally:
         main.Downloader, main.LoggerProcess = original
+
+
+@contextlib.contextmanager
+def light_spawn() -> Iterator[None]:
+    """While open, processes started by multiprocessing's spawn do not import the parent's `__main__` module.
+
+    img2dataset's multiprocessing distributor spawns its workers, and again every 5 shards
+    (`maxtasksperchild`); each spawned process first re-imports the caller's main module, which for
+    `pipelines/build_instruct_beam.py` means Apache Beam and every stage. Nothing a crawl worker runs
+    is defined there (it unpickles `GuardedDownloader` from this module), so it is told there is none,
+    as in an interactive session. Restored after, also on error."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__spec__ = None  # multiprocessing.spawn.get_preparation_data reads these two at each start
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)

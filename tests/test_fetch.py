@@ -175,3 +175,42 @@ def test_a_resumed_run_recrawls_transient_failures_and_counts_every_attempt(tmp_
          "reasons": {"download_error:http_404": 1, "download_error:http_503": 2}},
         {"pass": "recrawl-1", "urls": 2, "success": 2, "reasons": {}},
     ]
+
+
+MAIN_THAT_COUNTS_ITS_IMPORTS = '''
+import sys
+from pathlib import Path
+with open(sys.argv[1], "a") as log:  # every import of this file as a main module adds a line
+    log.write(__name__ + "\\n")
+if __name__ == "__main__":
+    sys.path.insert(0, sys.argv[2])
+    from pipelines.crawl import crawl, read_shard
+    from schemas.config import CrawlConfig
+    config = CrawlConfig(url_list=sys.argv[3], retries=0, allow_private_networks=["loopback"], processes=2,
+                         threads=2, shard_size=1)
+    crawl(config, Path(sys.argv[4]), Path(sys.argv[5]), distributor="multiprocessing")
+    print(sum(bool(read_shard(Path(sys.argv[5]), i, Path(sys.argv[4]))[0].image) for i in range(4)))
+    print(__spec__, Path(__file__).name)  # restored after the crawl
+'''
+
+
+def test_spawned_crawl_workers_do_not_import_the_pipelines_main_module(tmp_path):
+    """img2dataset's multiprocessing distributor spawns its workers; each would first re-import the caller's
+    main script (for the Beam entry point: Apache Beam and every stage). The crawl tells them not to."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script, log = tmp_path / "main_script.py", tmp_path / "imports.log"
+    script.write_text(MAIN_THAT_COUNTS_ITS_IMPORTS)
+    with HostileServer() as server:
+        urls = tmp_path / "urls.csv"
+        urls.write_text("url,caption\n" + "".join(f"{server.url(f'/ok/{i}.jpg')},a scene\n" for i in range(4)))
+        prepared = tmp_path / "urls.parquet"
+        prepare_url_list(urls, prepared, 1, 1, frozenset({"loopback"}))
+        done = subprocess.run([sys.executable, str(script), str(log), str(Path(__file__).resolve().parents[1]),
+                               str(urls), str(prepared), str(tmp_path / "shards")],
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["4", "None", "main_script.py"]  # 4 images crawled, __file__ back
+    assert log.read_text().splitlines() == ["__main__"]  # imported once: by the run itself, by no worker

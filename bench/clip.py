@@ -37,7 +37,7 @@ from PIL import Image
 from filters.clip_loader import load_clip
 from filters.clip_scorer import ClipPreprocessor, ClipScorer, centre_crop, image_views
 from infra.sample_world import captions_for, plan_scene, render_scene
-from pipelines.stages import RECORD_SCHEMA, StageBatches
+from pipelines.batches import RECORD_SCHEMA, StageBatches
 from schemas.config import ClipConfig, DedupConfig, load_config
 from schemas.records import ImageRecord
 

@@ -35,7 +35,7 @@ from infra.sample_world import render_world
 from infra.world_noise import EXPECTED_REASON, prepare_world
 from infra.world_server import WorldServer
 from pipelines.crawl import crawl, img2dataset_arguments, read_shard
-from pipelines.stages import apply_stage
+from pipelines.batches import apply_stage
 from pipelines.url_list import prepare_url_list, shard_count_for
 from schemas.config import ValidateConfig, WorldConfig, load_config
 

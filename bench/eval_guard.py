@@ -21,7 +21,8 @@ import numpy as np
 
 from infra.sample_world import render_world
 from infra.world_noise import EVAL_COPY_KINDS, eval_copy
-from pipelines.stages import dedup_column, embedding_matrix, guard_embeddings, records_to_table, reference_index
+from pipelines.batches import records_to_table
+from pipelines.stage_fits import dedup_column, embedding_matrix, guard_embeddings, reference_index
 from schemas.config import load_config
 from schemas.records import ImageRecord
 

@@ -111,7 +111,7 @@ def embedded_part(rounds: int, n: int, workdir: Path) -> dict:
 
 def stage_input(n: int) -> pa.Table:
     """n records as the generate stage gets them: caption, objects, and probes from the real probe sampler."""
-    from pipelines.stages import RECORD_SCHEMA, records_to_table
+    from pipelines.batches import RECORD_SCHEMA, records_to_table
 
     config = load_config(CONFIG)
     rng = random.Random(0)

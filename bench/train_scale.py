@@ -1,6 +1,8 @@
 r"""Trainer batches and workers on the demo world's data (issue 16), in one run:
 
     python -m bench.train_scale --version outputs/sample/<version> [--steps 12] [--batch-size 8]
+    python -m bench.train_scale --version outputs/sample/<version> --steps 100 --arms one,ddp \
+        --out bench/results/train_scale_stage2.json   # the demo's whole Stage 2 (100 steps of 8), ~45 min here
 
 1. Length grouping: the padding share of one epoch of the with-negatives arm (the proof's Stage-2 data) with
    and without `group_by_length`, and the tokens/s (real, non-pad tokens) of Stage-2 steps of each, run
@@ -10,8 +12,9 @@ r"""Trainer batches and workers on the demo world's data (issue 16), in one run:
    on a local Ray head: wall time, tokens/s, the scaling ratio (2 workers' tokens/s over 1 process's) and
    the loss curves (the same global batches, so the curves should agree within bf16 noise).
 
-Saves bench/results/train_scale.json. On 2 cores, 2 workers (1 CPU each) compete with each other for the
-same cores that one process uses with 2 threads; the ratio says what DDP costs, not what more machines give.
+Saves bench/results/train_scale.json (or --out); `--arms` picks among grouping, one, ddp, fsdp (default: all).
+On 2 cores, 2 workers (1 CPU each) compete with each other for the same cores that one process uses with
+2 threads; the ratio says what DDP costs, not what more machines give.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from trainer.data import EpochOrder, LengthGroupedOrder, padding_share
 from trainer.train import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_scale.json"
+ARMS = ("grouping", "one", "ddp", "fsdp")
 
 
 def finetune_config(version: Path, out: Path, **fields) -> TrainConfig:
@@ -70,7 +74,7 @@ def grouping(version: Path, tmp: Path, batch_size: int, steps: int) -> dict:
             "tokens_per_s": {"plain": rate[False], "grouped": rate[True]}, "speedup": rate[True] / rate[False]}
 
 
-def workers(version: Path, tmp: Path, batch_size: int, steps: int) -> dict:
+def workers(version: Path, tmp: Path, batch_size: int, steps: int, arms: set[str]) -> dict:
     import ray
 
     from infra.local_cluster import start_head, stop_head
@@ -85,13 +89,13 @@ def workers(version: Path, tmp: Path, batch_size: int, steps: int) -> dict:
     owned = start_head()
     try:
         ray.init(address="auto", ignore_reinit_error=True, log_to_driver=False)
-        started = time.perf_counter()
-        train_on_ray(finetune_config(version, tmp / "two", batch_size=batch_size, max_steps=steps, workers=2))
-        two_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        train_on_ray(finetune_config(version, tmp / "fsdp", batch_size=batch_size, max_steps=steps, workers=2,
-                                     shard="full"))
-        fsdp_seconds = time.perf_counter() - started
+        seconds = {}
+        for name, folder, shard in (("ddp", "two", "none"), ("fsdp", "fsdp", "full")):
+            if name in arms:
+                started = time.perf_counter()
+                train_on_ray(finetune_config(version, tmp / folder, batch_size=batch_size, max_steps=steps, workers=2,
+                                             shard=shard))
+                seconds[name] = time.perf_counter() - started
         ray.shutdown()
     finally:
         if owned:
@@ -100,10 +104,12 @@ def workers(version: Path, tmp: Path, batch_size: int, steps: int) -> dict:
     rate = sum(r["tokens"] for r in one) / sum(r["seconds"] for r in one)
     results = {"steps": steps, "global_batch": 2 * batch_size,
                "one_process": {"wall_s": one_seconds, "tokens_per_s": rate, "loss": [r["loss"] for r in one]}}
-    for name, folder, seconds in (("two_workers", "two", two_seconds), ("two_workers_fsdp", "fsdp", fsdp_seconds)):
+    for name, folder, arm in (("two_workers", "two", "ddp"), ("two_workers_fsdp", "fsdp", "fsdp")):
+        if arm not in seconds:
+            continue
         run = curve(tmp / folder)
         tokens_per_s = sum(r["tokens"] for r in run) / sum(r["seconds"] for r in run)
-        results[name] = {"wall_s": seconds, "tokens_per_s": tokens_per_s, "loss": [r["loss"] for r in run],
+        results[name] = {"wall_s": seconds[arm], "tokens_per_s": tokens_per_s, "loss": [r["loss"] for r in run],
                          "scaling_ratio": tokens_per_s / rate,
                          "final_loss_relative_difference": abs(run[-1]["loss"] - one[-1]["loss"]) / one[-1]["loss"],
                          "max_loss_relative_difference": max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(run, one))}
@@ -115,18 +121,27 @@ def main() -> None:
     p.add_argument("--version", required=True, help="a published version the proof ran on: outputs/sample/<version>")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of %(default)s")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    arms = set(args.arms.split(","))
+    if not arms <= set(ARMS):
+        p.error(f"--arms takes a comma-separated subset of {','.join(ARMS)}")
+    if arms & {"ddp", "fsdp"} and "one" not in arms:
+        p.error("--arms: ddp and fsdp are compared with the one-process arm; add 'one'")
     version = Path(args.version).resolve()
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "version": str(version),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
-        results["grouping"] = grouping(version, Path(tmp), args.batch_size, args.steps)
-        print(json.dumps(results["grouping"], indent=1), flush=True)
-        results["workers"] = workers(version, Path(tmp), args.batch_size // 2, args.steps)
-        print(json.dumps(results["workers"], indent=1), flush=True)
+        if "grouping" in arms:
+            results["grouping"] = grouping(version, Path(tmp), args.batch_size, args.steps)
+            print(json.dumps(results["grouping"], indent=1), flush=True)
+        if "one" in arms:
+            results["workers"] = workers(version, Path(tmp), args.batch_size // 2, args.steps, arms)
+            print(json.dumps(results["workers"], indent=1), flush=True)
     results["loadavg_after"] = os.getloadavg()
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"saved {RESULTS}")
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"saved {args.out}")
 
 
 if __name__ == "__main__":

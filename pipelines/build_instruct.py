@@ -25,7 +25,8 @@ from pipelines.cli import parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, crawl_passes, read_shard  # noqa: E402
 from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
-from pipelines.stages import DROPPED_SCHEMA, RECORD_SCHEMA, GlobalStage, MapStage, StageBatches, records_to_table, stage_plan  # noqa: E402
+from pipelines.batches import DROPPED_SCHEMA, RECORD_SCHEMA, StageBatches, records_to_table  # noqa: E402
+from pipelines.stages import GlobalStage, MapStage, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import UserError, exit_on_user_error  # noqa: E402
 from schemas.records import KEEP  # noqa: E402

@@ -25,7 +25,8 @@ from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.logger import LoggerProcess  # noqa: E402
 
 from pipelines.services.processes import follow_parent  # noqa: E402
-from pipelines.fetch import FetchError, FetchSettings, fetch  # noqa: E402
+from pipelines.fetch import FetchSettings, fetch  # noqa: E402
+from pipelines.url_policy import FetchError  # noqa: E402
 
 
 def fetch_image(row, timeout, retries, user_agent_token, disallowed_header_directives, settings: FetchSettings):

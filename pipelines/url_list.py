@@ -73,7 +73,7 @@ def check_hosts_reachable(urls: list[str], max_hosts: int, allow: frozenset[str]
 
     Returns the hosts that did not answer (their rows still get per-record reasons from the crawl).
     """
-    from pipelines.fetch import FetchError, guarded_connection, normalize_url
+    from pipelines.url_policy import FetchError, guarded_connection, normalize_url
 
     hosts: list[tuple[str, int]] = []
     for url in urls:

@@ -11,7 +11,7 @@ from PIL import Image
 from filters import clip_loader
 from filters.clip_scorer import ClipPreprocessor, ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter
-from pipelines.stages import StageBatches, records_to_table, score_columns
+from pipelines.batches import StageBatches, records_to_table, score_columns
 from schemas.config import ClipConfig, DedupConfig
 from schemas.errors import UserError
 from schemas.records import ImageRecord
@@ -134,7 +134,8 @@ def test_threshold_mode_drops_below_with_reason():
 def test_only_top_fraction_gathers_scores_before_filtering():
     """A fixed threshold filters batch by batch (no engine materializes the data for it); top_fraction needs
     every score first, so it is the one global clip_filter."""
-    from pipelines.stages import GlobalStage, MapStage, apply_stage, stage_plan
+    from pipelines.batches import apply_stage
+    from pipelines.stages import GlobalStage, MapStage, stage_plan
     from schemas.config import load_config
     from tests.conftest import REPO
 

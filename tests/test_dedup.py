@@ -63,7 +63,8 @@ def test_fit_reads_float32_bytes_embeddings_from_arrow_slices():
     """dedup_embedding travels as float32 bytes; an Arrow slice (as Ray hands over) starts mid-buffer."""
     import pyarrow as pa
 
-    from pipelines.stages import RECORD_SCHEMA, fit_dedup
+    from pipelines.batches import RECORD_SCHEMA
+    from pipelines.stage_fits import fit_dedup
     from schemas.config import PipelineConfig
 
     config = PipelineConfig.model_validate({"dedup": {"embedding": "clip_and_patch_tokens", "eps": 0.01}})

@@ -14,8 +14,9 @@ import pytest
 from infra.sample_world import render_world
 from infra.world_noise import EVAL_COPY_KINDS, eval_copy
 from pipelines.references import check_references, load_references
-from pipelines.stages import (apply_stage, fit_eval_guard, guard_embeddings, records_to_table, reference_index,
-                              stage_plan)
+from pipelines.batches import apply_stage, records_to_table
+from pipelines.stage_fits import fit_eval_guard, guard_embeddings, reference_index
+from pipelines.stages import stage_plan
 from schemas.config import load_config
 from schemas.errors import UserError
 from schemas.records import ImageRecord

@@ -10,8 +10,9 @@ import pytest
 
 from filters.validate import ImageValidator
 from pipelines.crawl import crawl, crawl_passes, read_shard
-from pipelines.fetch import FetchError, FetchSettings, fetch, fetch_once, normalize_url
-from pipelines.stages import apply_stage
+from pipelines.fetch import FetchSettings, fetch, fetch_once
+from pipelines.url_policy import FetchError, normalize_url
+from pipelines.batches import apply_stage
 from pipelines.url_list import prepare_url_list
 from schemas.config import CrawlConfig, ValidateConfig
 from schemas.errors import UserError

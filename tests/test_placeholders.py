@@ -28,7 +28,8 @@ from generators.objects import ObjectFinder
 from generators.prompts import task_messages
 from infra.fake_teacher import FakeTeacher
 from pipelines.publish import publish_dataset
-from pipelines.stages import fit_probes, records_to_table
+from pipelines.batches import records_to_table
+from pipelines.stage_fits import fit_probes
 from schemas.config import ClipConfig, GenerateConfig, ObjectsConfig, PipelineConfig, TeacherConfig, ValidateConfig
 from schemas.records import IMAGE_TOKEN, ImageRecord, ObjectAnnotation, neutralize_placeholders
 from tests.test_trainer import encoder, tiny, vlm  # noqa: F401 - the trainer tests' tiny model fixtures

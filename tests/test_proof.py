@@ -18,7 +18,7 @@ from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.instructions import InstructionGenerator
 from infra.proof import ARMS, run_proof, write_arms
 from pipelines.publish import publish_dataset
-from pipelines.stages import records_to_table
+from pipelines.batches import records_to_table
 from schemas.config import GenerateConfig, ObjectsConfig, PipelineConfig, ProofConfig, TeacherConfig
 from schemas.errors import UserError
 from schemas.records import ImageRecord, ObjectAnnotation

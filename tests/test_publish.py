@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines.dataset_card import write_dataset_card
 from pipelines.publish import publish_dataset, push_to_hub, split_of
-from pipelines.stages import RECORD_SCHEMA
+from pipelines.batches import RECORD_SCHEMA
 from schemas.errors import UserError
 from tests.conftest import REPO
 

@@ -9,7 +9,7 @@ from functools import partial
 import cloudpickle
 import pyarrow as pa
 
-from pipelines.stages import StageBatches, records_to_table
+from pipelines.batches import StageBatches, records_to_table
 from schemas.records import ImageRecord, StageResult
 from tests.test_teacher_stage import ray_head  # noqa: F401 - the real local head
 

@@ -35,7 +35,7 @@ def ray_head():
 def generate_input(demo_run, copies: int = 1) -> pa.Table:
     """The demo's kept records as the generate stage gets them: probes in, every image picked for the teacher,
     nothing generated yet; `copies` > 1 repeats them under new uids."""
-    from pipelines.stages import RECORD_SCHEMA
+    from pipelines.batches import RECORD_SCHEMA
 
     rows = read_dir(demo_run["final"] / "records", RECORD_SCHEMA.names)
     rows = [{**row, "uid": f"{row['uid']}-{copy}" if copy else row["uid"], "teacher_selected": True,

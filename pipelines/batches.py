@@ -1,0 +1,188 @@
+"""How a batch of rows goes through one stage on any engine, and the Arrow form of a record row.
+
+Engines hand batches of rows (Arrow tables, as stored in parquet) to `StageBatches`; it rebuilds the
+typed records, runs the stage on the live ones and passes already-dropped rows through, so a
+row dropped by the crawl still reaches the output with its reason. The CLIP scorer runs straight on
+the Arrow columns (`score_columns`). Each stage is built once per worker process (`built_once`).
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from filters.clip_scorer import ClipScorer
+from schemas.records import KEEP, ImageRecord, StageResult
+
+Stage = Callable[[list[ImageRecord]], StageResult]
+
+# Arrow schema of a record row; fixed so that empty batches and all-null columns keep their types.
+RECORD_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("key", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("stage", pa.string()),
+        ("image", pa.binary()),
+        ("clip_score", pa.float32()),
+        ("embedding", pa.list_(pa.float32())),
+        ("dedup_embedding", pa.binary()),
+        ("pixels", pa.binary()),
+        ("tokens", pa.list_(pa.int32())),
+        ("objects", pa.string()),
+        ("probes", pa.string()),
+        ("teacher_selected", pa.bool_()),
+        ("instructions", pa.string()),
+        ("rejected_turns", pa.string()),
+        ("teacher_usage", pa.string()),
+    ]
+)
+
+
+# dropped/ keeps every column but the image bytes: a dropped row says why, it is not data to train on.
+DROPPED_SCHEMA = RECORD_SCHEMA.remove(RECORD_SCHEMA.get_field_index("image"))
+
+
+def binary_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The bytes of a binary column's values, end to end, as one uint8 array (no copy for one chunk)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]  # [N + 1]
+    return np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+
+
+def binary_column(rows: np.ndarray) -> pa.Array:
+    """[N, ...] array -> binary column whose row i is rows[i]'s bytes."""
+    n, width = len(rows), rows[0].nbytes if len(rows) else 0
+    offsets = np.arange(n + 1, dtype=np.int32) * width
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))])
+
+
+def score_columns(scorer: ClipScorer, batch: pa.Table) -> pa.Table | None:
+    """`ClipScorer` straight on Arrow columns, for Ray's model actors: the live rows' pixels and tokens go
+    to the model as one array each and the scores come back as columns, with no Python object per row
+    (at GPU speed, building records would cost more than the model). The same table the record path
+    gives (a test checks). None when that path must run: a live row without pixels, or another schema."""
+    if not batch.schema.equals(RECORD_SCHEMA):
+        return None
+    is_live = pc.fill_null(pc.equal(batch.column("status"), KEEP), False)
+    if pc.all(is_live).as_py():  # the usual batch: no copy of its columns
+        live, rest = batch, batch.slice(0, 0)
+    else:
+        live, rest = batch.filter(is_live), batch.filter(pc.invert(is_live))
+    n = live.num_rows
+    if n == 0:
+        return batch
+    if live.column("pixels").null_count or live.column("tokens").null_count:
+        return None
+    pixels = binary_values(live.column("pixels"))
+    tokens = live.column("tokens").combine_chunks().flatten().to_numpy()
+    if pixels.size != n * len(scorer.views) * scorer.input_hw[0] * scorer.input_hw[1] * 3 or tokens.size % n:
+        return None  # not ClipPreprocessor's output for this scorer: the record path says what is wrong
+    scores = scorer.score_pixels(pixels.reshape(n, len(scorer.views), *scorer.input_hw, 3), tokens.reshape(n, -1))
+    dim = scores.embedding.shape[1]
+    columns = {
+        "clip_score": pa.array(scores.clip_score, pa.float32()),
+        "embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)),
+                                              pa.array(scores.embedding.ravel(), pa.float32())),
+        "pixels": pa.nulls(n, pa.binary()),
+        "tokens": pa.nulls(n, pa.list_(pa.int32())),
+    }
+    if scores.dedup_embedding is not None:
+        columns["dedup_embedding"] = binary_column(scores.dedup_embedding.astype(np.float32, copy=False))
+    for name, array in columns.items():
+        live = live.set_column(RECORD_SCHEMA.get_field_index(name), RECORD_SCHEMA.field(name), array)
+    return pa.concat_tables([live, rest])  # the record path's order: kept, then rows that were not live
+
+
+def apply_stage(stage: Stage, records: list[ImageRecord]) -> list[ImageRecord]:
+    live = [r for r in records if r.status == KEEP]
+    result = stage(live) if live else StageResult()
+    if len(result.kept) + len(result.dropped) != len(live):
+        raise RuntimeError(f"stage {getattr(stage, 'name', stage)} lost records: {len(live)} in, "
+                           f"{len(result.kept)} kept + {len(result.dropped)} dropped")
+    return result.kept + result.dropped + [r for r in records if r.status != KEEP]
+
+
+def records_to_table(records: list[ImageRecord]) -> pa.Table:
+    return pa.Table.from_pylist([r.model_dump() for r in records], schema=RECORD_SCHEMA)
+
+
+def rows_to_records(rows: list[dict]) -> list[ImageRecord]:
+    return [ImageRecord.model_validate(row) for row in rows]
+
+
+# Stages built in this process, by StageBatches key: Ray runs each task of a plain `map_batches` on a copy of
+# the one StageBatches the driver made, so without this every task would build its stage again (re-read the
+# COCO annotations, reload a CLIP). A few runs' worth of stages; the oldest goes first.
+_BUILT: OrderedDict[str, "_Built"] = OrderedDict()
+_BUILT_LOCK = threading.Lock()
+_BUILT_MAX = 16
+
+
+class _Built:
+    """One cache entry: built once by whichever thread asks first; others wait on this entry only."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.factory, self.lock, self.value, self.done = factory, threading.Lock(), None, False
+
+    def get(self) -> Any:
+        with self.lock:
+            if not self.done:
+                self.value, self.done = self.factory(), True
+            return self.value
+
+
+def built_once(key: str, factory: Callable[[], Any]) -> Any:
+    """What `factory` builds, built once per process under `key` (a slow build holds up only its own key)."""
+    with _BUILT_LOCK:
+        entry = _BUILT.get(key)
+        if entry is None:
+            entry = _BUILT[key] = _Built(factory)
+            while len(_BUILT) > _BUILT_MAX:
+                _BUILT.popitem(last=False)
+        _BUILT.move_to_end(key)
+    return entry.get()
+
+
+class StageBatches:
+    """A picklable batch function around one stage: rows in, rows out (Ray `map_batches`, Beam `DoFn`). Every
+    copy of one StageBatches (all the tasks and DoFn instances of a run's stage) shares one stage per process."""
+
+    def __init__(self, name: str, factory: Callable[[], Stage]):
+        self.name = name
+        self.factory = factory
+        self.key = f"{name}:{uuid.uuid4().hex}"  # the same in every pickled copy of this instance
+        self.stage: Stage | None = None
+        self._setup_lock = threading.Lock()  # an actor running batches in threads builds its stage once
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_setup_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _setup_lock=threading.Lock())
+
+    def setup(self) -> None:
+        with self._setup_lock:
+            if self.stage is None:
+                self.stage = built_once(self.key, self.factory)
+
+    def run(self, rows: list[dict]) -> list[ImageRecord]:
+        self.setup()
+        return apply_stage(self.stage, rows_to_records(rows))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:  # Ray Data, batch_format="pyarrow"
+        self.setup()
+        if isinstance(self.stage, ClipScorer) and (table := score_columns(self.stage, batch)) is not None:
+            return table
+        return records_to_table(self.run(batch.to_pylist()))

@@ -35,7 +35,8 @@ import torch
 from PIL import Image
 
 from filters.clip_loader import load_clip
-from filters.clip_scorer import ClipPreprocessor, ClipScorer, centre_crop, image_views
+from filters.clip_preprocess import ClipPreprocessor, centre_crop, image_views
+from filters.clip_scorer import ClipScorer
 from infra.sample_world import captions_for, plan_scene, render_scene
 from pipelines.batches import RECORD_SCHEMA, StageBatches
 from schemas.config import ClipConfig, DedupConfig, load_config

@@ -95,7 +95,7 @@ def main() -> None:
         data = write_llava_json(Path(tmp), args.batch_size * args.steps * (args.reps + 1) * 2)
         tree = {"stage": args.stage, "data": str(data), "out": str(Path(tmp) / "run"), "batch_size": args.batch_size,
                 "max_steps": 10_000, "save_every": 10_000, "resume": False}  # no checkpoint inside the timed steps
-        from schemas.config import apply_override
+        from schemas.flags import apply_override
 
         for assignment in args.model_overrides:
             apply_override(tree, assignment)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from evals.image_dependence import counter_questions, flip_rate
@@ -37,6 +37,7 @@ from evals.pope import (LLAVA_POST_PROMPT, STRATEGIES, build_pope_questions, for
                         load_instances, objects_per_image, score_every_rule, score_pope, write_pope_file)
 from filters.yes_no import answer_to_label, opening_yes_no
 from schemas.errors import UserError
+from schemas.flags import add_config_flags, config_tree, validated
 
 DESCRIBE = "Describe the following image in detail."  # the first of LLaVA's detailed-description prompts
 
@@ -261,22 +262,17 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
     return results
 
 
-def config_from_flags(model: type[BaseModel], argv: list[str] | None, description: str):
-    """A pydantic config from `--field-name V` flags, one per field (required where the field is)."""
-    p = argparse.ArgumentParser(description=description)
-    for name, field in model.model_fields.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, required=field.is_required(),
-                       default=argparse.SUPPRESS, metavar="V", help=field.description)
-    try:
-        return model.model_validate(vars(p.parse_args(argv)))
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')} {first.get('input')!r} is not valid "
-                        f"({first['msg'].lower()}); see --help.") from None
+def config_from_flags(argv: list[str] | None) -> EvalConfig:
+    """EvalConfig from `--field-name V` flags (one per field), a `--config` YAML file and `--set` overrides."""
+    p = add_config_flags(argparse.ArgumentParser(description="POPE, held-out QA accuracy and descriptions of a "
+                                                             "trained VLM."),
+                         EvalConfig, config_help="YAML file of EvalConfig fields", field_flags=True)
+    return validated(EvalConfig, config_tree(EvalConfig, p.parse_args(argv), "a YAML file of EvalConfig fields"),
+                     "python -m evals.vlm_eval --help")
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_flags(EvalConfig, argv, "POPE, held-out QA accuracy and descriptions of a trained VLM.")
+    config = config_from_flags(argv)
     results = run_eval(config)
     print(format_results(results))
 

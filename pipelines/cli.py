@@ -1,17 +1,16 @@
-"""Shared command line: `--config FILE` plus any number of `--set section.field=value` overrides."""
+"""The pipeline's command line: `--config FILE` plus any number of `--set section.field=value` overrides
+(read the way every CLI reads its config: `schemas/flags.py`)."""
 from __future__ import annotations
 
 import argparse
 
 from schemas.config import PipelineConfig, load_config
+from schemas.flags import add_config_flags
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default="configs/sample.yaml", help="YAML config (default: %(default)s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override any config field, e.g. --set crawl.timeout=5 (repeatable)")
-    return p
+    return add_config_flags(argparse.ArgumentParser(description=description), PipelineConfig,
+                            config_default="configs/sample.yaml")
 
 
 def parse_config(args: argparse.Namespace) -> PipelineConfig:

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from filters.clip_scorer import ClipPreprocessor, ClipScorer
+from filters.clip_preprocess import ClipPreprocessor
+from filters.clip_scorer import ClipScorer
 from filters.dedup import NearDuplicateIndex
 from filters.eval_guard import ReferenceIndex
 from filters.validate import ImageValidator

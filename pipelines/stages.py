@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from filters.clip_scorer import ClipPreprocessor, ClipScoreFilter, ClipScorer, fit_clip_threshold
+from filters.clip_preprocess import ClipPreprocessor
+from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter
 from filters.eval_guard import EvalOverlapFilter
 from filters.grounding import GroundingVerifier

@@ -28,20 +28,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
 
 from schemas.errors import exit_on_user_error  # noqa: E402
-from trainer.config import TrainConfig, build_config, cli_parser, flag_fields, flag_value, read_yaml  # noqa: E402
+from trainer.config import TrainConfig, cli_parser, config_from_args  # noqa: E402
 
 
 def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     args = cli_parser("Train the LLaVA-style VLM: one stage (align or finetune) per run.").parse_args(argv)
-    tree = read_yaml(args.config) if args.config else {}
-    tree.update({name: flag_value(name, getattr(args, name)) for name in flag_fields() if name in vars(args)})
-    config = build_config(tree, args.overrides)
+    config = config_from_args(args)
     if config.init is None:
         return config
     from trainer.checkpoint import find_checkpoint, saved_config
 
     inherited = saved_config(find_checkpoint(config.init)).model.model_dump(mode="json")
-    return build_config(tree, args.overrides, inherit_model=inherited)
+    return config_from_args(args, inherit_model=inherited)
 
 
 def main(argv: list[str] | None = None) -> None:

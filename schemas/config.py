@@ -1,4 +1,5 @@
-"""Pipeline configuration: one pydantic model, loaded from YAML, overridden with `--set a.b=value`.
+"""Pipeline configuration: one pydantic model, loaded from YAML, overridden with `--set a.b=value`
+(the command line's reading: `schemas/flags.py`).
 
 The resolved config is saved next to every output and its hash names the dataset version.
 """
@@ -10,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from schemas.errors import UserError
+from schemas.flags import apply_override, read_yaml, validated
 
 
 class _Section(BaseModel):
@@ -282,71 +283,12 @@ class PipelineConfig(_Section):
         return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()
 
 
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """`crawl.timeout=5` -> tree["crawl"]["timeout"] = 5 (the value is parsed as YAML)."""
-    path, sep, raw = assignment.partition("=")
-    if not sep or not path.strip():
-        raise UserError(f"Override {assignment!r} is not of the form section.field=value.")
-    node = tree
-    *parents, leaf = path.strip().split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"Override {assignment!r}: {part!r} is a value, not a section.")
-    try:
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise UserError(f"Override {assignment!r}: the value is not valid YAML ({yaml_problem(err)}); "
-                        f"close its brackets or quote it.") from None
-
-
-def describe_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    extra = f" ({len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
-    if first["type"] == "extra_forbidden":
-        return f"Unknown config field {where!r}; check the spelling against configs/sample.yaml{extra}."
-    if first["type"] == "value_error" and not where:  # a whole-config rule (a model validator's own words)
-        return f"Bad config: {first['ctx']['error']}{extra}."
-    if first["type"] == "value_error":  # our validators' own words, without pydantic's "Value error, "
-        return f"Bad config value {where}={first.get('input')!r}: {first['ctx']['error']}{extra}."
-    return f"Bad config value {where}={first.get('input')!r}: {first['msg']}{extra}."
-
-
-def yaml_problem(err: yaml.YAMLError) -> str:
-    """What PyYAML found wrong and where, on one line ('expected ... at line 1, column 4')."""
-    problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
-    mark = getattr(err, "problem_mark", None)
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
-
-
-def read_yaml(path: str | Path, example: str = "configs/sample.yaml") -> dict[str, Any]:
-    """A YAML mapping from a file; a missing file, bad YAML or a non-mapping is one sentence."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file {path} does not exist; pass --config with a YAML file such as {example}.")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as err:
-        raise UserError(f"Config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                        f"{err.start}); save it as UTF-8 YAML.") from None
-    except OSError as err:
-        raise UserError(f"Config file {path} cannot be read ({err.strerror or err}).") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"Config file {path} is not valid YAML ({yaml_problem(err)}).") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"Config file {path} must hold a mapping of sections, not {type(tree).__name__}.")
-    return tree
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
+    """The pipeline's config from a YAML file (none: every default) and `--set` overrides (`schemas/flags.py`)."""
     tree: dict[str, Any] = read_yaml(path) if path is not None else {}
     for assignment in overrides:
         apply_override(tree, assignment)
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as err:
-        raise UserError(describe_validation_error(err)) from None
+    return validated(PipelineConfig, tree, "configs/sample.yaml")
 
 
 def save_config(config: PipelineConfig, path: Path) -> None:

@@ -49,7 +49,7 @@ class ImageRecord(BaseModel):
     # float32 bytes (3328 of them for the sample CLIP: a list of floats costs more to build than the model
     # forward); dedup clears it on the records it keeps.
     dedup_embedding: bytes | None = Field(default=None, repr=False)
-    # Between the CLIP stage's CPU half and its model half only (filters/clip_scorer.py):
+    # Between the CLIP stage's CPU half and its model half only (filters/clip_preprocess.py -> clip_scorer.py):
     pixels: bytes | None = Field(default=None, repr=False)  # uint8 [views, H, W, 3], resized for the model
     tokens: list[int] | None = Field(default=None, repr=False)  # the caption, tokenized for the model
     # Generation columns, JSON text so every engine stores them alike (see generators/):

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from filters import clip_loader
-from filters.clip_scorer import ClipPreprocessor, ClipScoreFilter, ClipScorer, fit_clip_threshold
+from filters.clip_preprocess import ClipPreprocessor
+from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter
 from pipelines.batches import StageBatches, records_to_table, score_columns
 from schemas.config import ClipConfig, DedupConfig

@@ -79,3 +79,23 @@ def test_version_changes_with_the_clip_weights_bytes(tmp_path):
     weights.write_bytes(b"new weights, same path")
     assert RunDirectory.open(config, "ray").version != before
     assert RunDirectory.open(config, "beam").version != RunDirectory.open(config, "ray").version
+
+
+@pytest.mark.parametrize("module", ["pipelines.build_instruct_beam", "pipelines.train", "evals.vlm_eval"])
+def test_every_cli_reads_its_config_the_same_way(module, tmp_path, capsys):
+    """One reading of `--config` and `--set` for every CLI that builds a config (schemas/flags.py): the same
+    sentence for the same mistake, exit 2, before anything runs."""
+    import importlib
+
+    from schemas.errors import exit_on_user_error
+
+    main = importlib.import_module(module).main
+    not_utf8 = tmp_path / "latin1.yaml"
+    not_utf8.write_bytes("name: café\n".encode("latin-1"))
+    for argv, sentence in ((["--set", "seed=[1,"], "error: Override 'seed=[1,': the value is not valid YAML ("),
+                           (["--config", str(not_utf8)], f"error: Config file {not_utf8} is not UTF-8 text (byte 0xe9")):
+        with pytest.raises(SystemExit) as exit_:
+            exit_on_user_error(lambda: main(argv))
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(sentence) and "\n" not in err and "Traceback" not in err

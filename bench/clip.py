@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -34,6 +32,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from bench import medians, save_results
 from filters.clip_loader import load_clip
 from filters.clip_preprocess import ClipPreprocessor, centre_crop, image_views
 from filters.clip_scorer import ClipScorer
@@ -113,14 +112,8 @@ def measure(config: ClipConfig, dedup: DedupConfig, rows: list[dict], reps: int)
             "image_size": int(pixels[0][0].shape[-1]), "image_views": views,
             "dedup_embedding": dedup.embedding if dedup.separate_embedding else "the CLIP embedding",
             "per_rep": per_rep,
-            "median_pipeline_images_per_s": statistics.median(r["pipeline_images_per_s"] for r in per_rep),
-            "median_bare_images_per_s": statistics.median(r["bare_images_per_s"] for r in per_rep),
-            "median_ratio": statistics.median(r["ratio"] for r in per_rep),
-            "median_preprocess_images_per_s": statistics.median(r["preprocess_images_per_s"] for r in per_rep),
-            "median_end_to_end_ratio": statistics.median(r["end_to_end_ratio"] for r in per_rep),
-            **({"median_bare_with_copy_images_per_s": statistics.median(r["bare_with_copy_images_per_s"] for r in per_rep),
-                "median_ratio_to_bare_with_copy": statistics.median(r["ratio_to_bare_with_copy"] for r in per_rep)}
-               if gpu else {})}
+            **medians(per_rep, "pipeline_images_per_s", "bare_images_per_s", "ratio", "preprocess_images_per_s",
+                      "end_to_end_ratio", *(("bare_with_copy_images_per_s", "ratio_to_bare_with_copy") if gpu else ()))}
 
 
 def main() -> None:
@@ -157,9 +150,7 @@ def main() -> None:
                  f"{figures['median_ratio_to_bare_with_copy']:.3f}" if "median_ratio_to_bare_with_copy" in figures else ""))
     results["loadavg_after"] = os.getloadavg()
     out = Path(args.out) if args.out else RESULTS.with_name("clip_gpu.json" if gpu else "clip.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}")
+    save_results(out, results)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from bench import save_results
 from filters.validate import ImageValidator
 from pipelines.services.embedded_teacher import free_port
 from infra.sample_world import render_world
@@ -185,14 +186,12 @@ def main() -> None:
                "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                            "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
                "crawl": crawl_figures, "render": render_figures}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    save_results(RESULTS, results)
     print(f"crawl: {crawl_figures['url_count']} URLs x {repetitions}: ours {crawl_figures['median_ours_images_per_s']:.1f} "
           f"images/s, plain img2dataset {crawl_figures['median_plain_images_per_s']:.1f} images/s, median ratio "
           f"{crawl_figures['median_ratio']:.3f} (target >= {TARGET_RATIO}: {'met' if crawl_figures['target_met'] else 'NOT met'}); "
           f"downloading phase alone {crawl_figures['median_downloading_ratio']:.3f}")
     print(f"render: {render_images} images, 2 workers: {render_figures['images_per_s']:.1f} images/s")
-    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

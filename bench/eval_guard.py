@@ -12,13 +12,13 @@ Writes bench/results/eval_guard.json.
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import save_results
 from infra.sample_world import render_world
 from infra.world_noise import EVAL_COPY_KINDS, eval_copy
 from pipelines.batches import records_to_table
@@ -74,9 +74,7 @@ def main() -> None:
                "seconds": round(time.perf_counter() - started, 1)}
     print(f"highest training-to-held-out cosine {results['max_training_to_held_out_cosine']:.4f}; lowest copy "
           f"cosine {', '.join(f'{k} {v:.4f}' for k, v in copy_cosine.items())}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    save_results(RESULTS, results)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ under its name (replaced when rerun); checkpoints go to outputs/grounding_probe/
   blocks (+ final norm) train, for `epochs` passes at `lr` (3% warmup, cosine), batch 8, the loss on
   answer tokens only. POPE (the eval's questions, `images` held-out images) is read from the logits of
   "Yes" vs "No" at the answer's first position. The point: several epochs at a third of a full step's cost.
+
+One file of ~330 lines on purpose: an experiment kept so that it can be rerun (issue 11's record), whose three
+probes share the proof's recipe, their helpers and one results file; nothing in the pipeline imports it.
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import openai
 import pyarrow as pa
 
+from bench import save_results
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.instructions import TEACHER_TYPES
 from generators.prompts import PROMPT_VERSION, rephrase_messages, rephrasings_model, task_messages
@@ -236,8 +237,7 @@ def main() -> None:
     results["generate_stage"] = stage_part(args.records, workdir)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    save_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ is the language model's reading of it. Writes bench/results/tower_probe.json.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench import save_results
 from evals.pope import STRATEGIES, build_pope_questions, load_instances, objects_per_image
 
 WORLD = Path("data/world")
@@ -117,8 +117,7 @@ def main() -> None:
                          "layer": -2},
                "train_images": len(tokens), "held_out_images": len(val_tokens), "splits": list(STRATEGIES),
                "runs": runs, "seconds": round(time.perf_counter() - started, 1)}
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    save_results(RESULTS, results)
 
 
 if __name__ == "__main__":

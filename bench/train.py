@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench import medians, save_results
 from infra.sample_world import captions_for, plan_scene, render_scene
 from trainer.config import TrainConfig
 from trainer.train import Trainer
@@ -110,10 +111,7 @@ def main() -> None:
                "batch_size": args.batch_size, "steps_per_rep": args.steps, "model_load_s": load_s,
                "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg(), "target_ratio": 0.9,
                "per_rep": per_rep,
-               "median_ours_tokens_per_s": statistics.median(r["ours_tokens_per_s"] for r in per_rep),
-               "median_bare_tokens_per_s": statistics.median(r["bare_tokens_per_s"] for r in per_rep),
-               "median_ours_s_per_step": statistics.median(r["ours_s_per_step"] for r in per_rep),
-               "median_ratio": statistics.median(r["ratio"] for r in per_rep),
+               **medians(per_rep, "ours_tokens_per_s", "bare_tokens_per_s", "ours_s_per_step", "ratio"),
                "median_cpu_time_ratio": statistics.median(r["cpu_ratio"] for r in per_rep),
                "best_ratio": min(r["bare_s_per_step"] for r in per_rep) / min(r["ours_s_per_step"] for r in per_rep)}
     results["target_met"] = results["median_ratio"] >= 0.9
@@ -121,9 +119,7 @@ def main() -> None:
           f"bare {results['median_bare_tokens_per_s']:.1f} tok/s, ratio {results['median_ratio']:.3f} "
           f"(best-rep ratio {results['best_ratio']:.3f}, CPU-time ratio {results['median_cpu_time_ratio']:.3f}) "
           f"(model load {load_s:.1f} s)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"saved {RESULTS}")
+    save_results(RESULTS, results)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench import save_results
 from trainer.config import ModelConfig, TrainConfig
 from trainer.train import Trainer
 
@@ -154,8 +155,7 @@ def main() -> None:
                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     print(json.dumps(results, indent=1))
     if not args.quick:
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"saved {RESULTS}")
+        save_results(RESULTS, results)
 
 
 if __name__ == "__main__":

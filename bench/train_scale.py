@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 
+from bench import save_results
 from infra.local_cluster import LOOPBACK_ONLY_ENV
 
 os.environ.update(LOOPBACK_ONLY_ENV)  # the driver attaches to the 127.0.0.1-only head (infra/local_cluster.py)
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import TrainConfig
-from trainer.data import EpochOrder, LengthGroupedOrder, padding_share
+from trainer.sampling import EpochOrder, LengthGroupedOrder, padding_share
 from trainer.train import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_scale.json"
@@ -140,8 +141,7 @@ def main() -> None:
             results["workers"] = workers(version, Path(tmp), args.batch_size // 2, args.steps, arms)
             print(json.dumps(results["workers"], indent=1), flush=True)
     results["loadavg_after"] = os.getloadavg()
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"saved {args.out}")
+    save_results(args.out, results)
 
 
 if __name__ == "__main__":

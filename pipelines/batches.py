@@ -8,6 +8,7 @@ the Arrow columns (`score_columns`). Each stage is built once per worker process
 from __future__ import annotations
 
 import threading
+import typing
 import uuid
 from collections import OrderedDict
 from typing import Any, Callable
@@ -15,40 +16,28 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel
 
 from filters.clip_scorer import ClipScorer
-from schemas.records import KEEP, ImageRecord, StageResult
+from schemas.records import KEEP, ImageRecord, StageResult, stored_type
 
 Stage = Callable[[list[ImageRecord]], StageResult]
 
-# Arrow schema of a record row; fixed so that empty batches and all-null columns keep their types.
-RECORD_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("key", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("stage", pa.string()),
-        ("image", pa.binary()),
-        ("clip_score", pa.float32()),
-        ("embedding", pa.list_(pa.float32())),
-        ("dedup_embedding", pa.binary()),
-        ("pixels", pa.binary()),
-        ("tokens", pa.list_(pa.int32())),
-        ("objects", pa.string()),
-        ("probes", pa.string()),
-        ("teacher_selected", pa.bool_()),
-        ("instructions", pa.string()),
-        ("rejected_turns", pa.string()),
-        ("teacher_usage", pa.string()),
-    ]
-)
+def arrow_type(annotation) -> pa.DataType:
+    """The Arrow type of a record field: numbers in 32 bits (sizes, CLIP scores and embeddings need no more),
+    nullable where the field is optional (every Arrow column is)."""
+    kind = stored_type(annotation)
+    if typing.get_origin(kind) is list:
+        return pa.list_(arrow_type(typing.get_args(kind)[0]))
+    return {str: pa.string(), int: pa.int32(), float: pa.float32(), bytes: pa.binary(), bool: pa.bool_()}[kind]
 
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    return pa.schema([(name, arrow_type(field.annotation)) for name, field in model.model_fields.items()])
+
+
+# Arrow schema of a record row, from `ImageRecord`; fixed so that empty batches and all-null columns keep their types.
+RECORD_SCHEMA = arrow_schema(ImageRecord)
 
 # dropped/ keeps every column but the image bytes: a dropped row says why, it is not data to train on.
 DROPPED_SCHEMA = RECORD_SCHEMA.remove(RECORD_SCHEMA.get_field_index("image"))

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 from evals.noise_eval import read_rows
 from pipelines.exports import write_exports
 from schemas.errors import UserError
+from schemas.records import PublishedRow, stored_type
 
 SPLITS = ("train", "validation")
 RECORD_COLUMNS = ["uid", "caption", "image", "clip_score", "objects", "instructions"]
@@ -41,20 +43,21 @@ _MAGIC = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif",
 
 
 def hf_features():
+    """The published dataset's features, from `PublishedRow`."""
     import datasets
 
-    turn = {"from": datasets.Value("string"), "value": datasets.Value("string")}
-    return datasets.Features({
-        "id": datasets.Value("string"),
-        "image": datasets.Image(),  # stored as the crawled bytes; decodes to PIL on access
-        "conversations": [turn],
-        "type": datasets.Value("string"),
-        "uid": datasets.Value("string"),
-        "caption": datasets.Value("string"),
-        "clip_score": datasets.Value("float32"),
-        "objects": datasets.Value("string"),  # JSON text, as the pipeline wrote it
-        "provenance": datasets.Value("string"),  # JSON text (sorted keys)
-    })
+    def feature(field):
+        if (field.json_schema_extra or {}).get("hf") == "image":
+            return datasets.Image()  # stored as the crawled bytes; decodes to PIL on access
+        kind = stored_type(field.annotation)
+        if typing.get_origin(kind) is list:
+            return [feature_of(typing.get_args(kind)[0])]
+        return datasets.Value({str: "string", int: "int32", float: "float32", bool: "bool"}[kind])
+
+    def feature_of(model):
+        return {field.alias or name: feature(field) for name, field in model.model_fields.items()}
+
+    return datasets.Features(feature_of(PublishedRow))
 
 
 def split_of(uid: str, seed: int, validation_fraction: float) -> str:

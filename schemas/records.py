@@ -6,6 +6,8 @@ a reason (`decode_error:...`, `pixels_too_large:...`), so nothing vanishes.
 from __future__ import annotations
 
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,6 +73,44 @@ class ImageRecord(BaseModel):
     def dropped(self, stage: str, reason: str) -> "ImageRecord":
         return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason, "image": None, "embedding": None,
                                          "dedup_embedding": None, "pixels": None, "tokens": None})
+
+
+def stored_type(annotation):
+    """A field's type as a column stores it: `X | None` -> X (the column is nullable), `Literal["ok", ...]` ->
+    str; `list[X]` and models as they are. The Arrow schema (`pipelines/batches.py`) and the published
+    features (`pipelines/publish.py`) are derived from the models through this."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return type(typing.get_args(annotation)[0])
+    return annotation
+
+
+class PublishedTurn(BaseModel):
+    """One turn of a published conversation (LLaVA's keys)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: Literal["human", "gpt"] = Field(alias="from")
+    value: str
+
+
+class PublishedRow(BaseModel):
+    """One row of the published Hugging Face dataset (`hf/`): one LLaVA record with its image and where it came
+    from. `pipelines/publish.py` derives the dataset's features from these fields; `image` is stored as the
+    crawled bytes (an HF `Image` feature, decoded to PIL on access)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    image: bytes = Field(json_schema_extra={"hf": "image"}, repr=False)
+    conversations: list[PublishedTurn]
+    type: str  # the teacher data type: conversation, detail, reasoning, negatives, caption
+    uid: str  # the image's record
+    caption: str | None = None
+    clip_score: float | None = None
+    objects: str = "[]"  # JSON text, as the pipeline wrote it
+    provenance: str = "{}"  # JSON text (sorted keys)
 
 
 class ObjectAnnotation(BaseModel):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, free_port
-from tests.test_trainer import tiny, train_config  # noqa: F401 - tiny: the tiny model parts fixture
+from tests.tiny_vlm import tiny, train_config  # noqa: F401 - tiny: the tiny model parts fixture
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from filters.yes_no import answer_to_label
-from tests.test_trainer import tiny_tokenizer
+from tests.tiny_vlm import tiny_tokenizer
 
 # Content parts as Qwen2-VL / LLaVA processors render them; SFT and DPO rows go through TRL with it.
 PARTS_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {% for p in m['content'] %}"

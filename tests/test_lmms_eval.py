@@ -16,7 +16,7 @@ from evals.lmms_task import GROUP, build_task_folder
 from evals.pope import STRATEGIES
 from evals.vlm_eval import run_eval
 from schemas.errors import UserError
-from tests.test_trainer import tiny  # noqa: F401 - the tiny model parts, used by `world`
+from tests.tiny_vlm import tiny  # noqa: F401 - the tiny model parts, used by `world`
 from tests.test_vlm_eval import eval_config, world  # noqa: F401 - the tiny checkpoint and its 3-image world
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",

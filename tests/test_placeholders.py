@@ -32,7 +32,7 @@ from pipelines.batches import records_to_table
 from pipelines.stage_fits import fit_probes
 from schemas.config import ClipConfig, GenerateConfig, ObjectsConfig, PipelineConfig, TeacherConfig, ValidateConfig
 from schemas.records import IMAGE_TOKEN, ImageRecord, ObjectAnnotation, neutralize_placeholders
-from tests.test_trainer import encoder, tiny, vlm  # noqa: F401 - the trainer tests' tiny model fixtures
+from tests.tiny_vlm import encoder, tiny, vlm  # noqa: F401 - the trainer tests' tiny model fixtures
 
 # file name -> (caption as crawled, COCO objects as (category, [x, y, w, h]) on a 64x48 image)
 IMAGES = {

@@ -22,7 +22,7 @@ from pipelines.batches import records_to_table
 from schemas.config import GenerateConfig, ObjectsConfig, PipelineConfig, ProofConfig, TeacherConfig
 from schemas.errors import UserError
 from schemas.records import ImageRecord, ObjectAnnotation
-from tests.test_trainer import tiny  # noqa: F401 - tiny: the tiny model parts fixture
+from tests.tiny_vlm import tiny  # noqa: F401 - tiny: the tiny model parts fixture
 from tests.test_vlm_eval import write_coco
 
 NAMES = ["person", "dog", "cat", "cup", "car", "chair", "bus", "bowl"]

@@ -38,3 +38,24 @@ def test_the_manifest_reports_grounding_yield_and_teacher_usage(demo_run):
     usage = manifest["teacher"]["usage"]
     assert usage["requests"] > 0 and usage["completion_tokens"] > 0
     assert manifest["teacher"]["prompt_version"] and "api_key" not in json.dumps(manifest["config"]["teacher"]).replace("api_key_env", "")
+
+
+def test_what_the_demo_wrote_follows_the_record_models(demo_run):
+    """records/ and hf/ are written in the shapes declared once, by `ImageRecord` and `PublishedRow`: every
+    parquet file of the run has the schema derived from ImageRecord, every record reads back as one, and
+    every published row (its image as the stored bytes) validates as a PublishedRow."""
+    import pyarrow.parquet as pq
+
+    from pipelines.batches import RECORD_SCHEMA
+    from schemas.records import ImageRecord, PublishedRow
+
+    final = demo_run["final"]
+    files = sorted((final / "records").glob("*.parquet"))
+    assert files and all(pq.read_schema(f).remove_metadata().equals(RECORD_SCHEMA) for f in files)
+    for row in pq.read_table(files[0]).to_pylist():
+        assert ImageRecord.model_validate(row).model_dump() == row
+    dd = datasets.load_from_disk(str(final / "hf")).cast_column("image", datasets.Image(decode=False))
+    rows = [r for split in dd.values() for r in split]
+    assert rows and set(rows[0]) == {f.alias or n for n, f in PublishedRow.model_fields.items()}
+    for row in rows:
+        PublishedRow.model_validate({**row, "image": row["image"]["bytes"]})

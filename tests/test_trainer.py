@@ -1,5 +1,5 @@
-"""The VLM trainer on tiny in-process models: a 1-block Llama (hidden 32) with a word-level tokenizer
-and chat template defined here, and the 32 px tiny CLIP. No downloads, CPU only."""
+"""The VLM trainer on tiny in-process models (tests/tiny_vlm.py): a 1-block Llama (hidden 32) with a
+word-level tokenizer and chat template, and the 32 px tiny CLIP. No downloads, CPU only."""
 from __future__ import annotations
 
 import json
@@ -7,102 +7,10 @@ import random
 
 import pytest
 import torch
-from PIL import Image
 
 from schemas.config import ClipConfig
 from schemas.errors import UserError
-from tests.tiny_clip import write_tiny_clip
-
-WORDS = ("a photo of red cat dog on the mat two birds what color is sky blue and grass green describe "
-         "image there are animals how many").split()
-SPECIALS = ["<unk>", "<pad>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """ModelConfig of tiny parts on disk, plus a LLaVA JSON with 0, 1 and 2 images per sample."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.config import ModelConfig
-
-    base = tmp_path_factory.mktemp("tiny")
-    clip_json, clip_pt = write_tiny_clip(base)
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      intermediate_size=64, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, max_position_embeddings=256))
-    lm.save_pretrained(base / "lm")
-    tokenizer.save_pretrained(base / "lm")
-    images = base / "images"
-    images.mkdir()
-    rng = random.Random(0)
-    for i in range(6):
-        Image.new("RGB", (40, 36), tuple(rng.randrange(256) for _ in range(3))).save(images / f"{i}.png")
-    rows = []
-    for i in range(12):
-        turns = [{"from": "human", "value": "<image>\nwhat color is the sky"}, {"from": "gpt", "value": "blue"},
-                 {"from": "human", "value": "and the grass"}, {"from": "gpt", "value": "green"}]
-        row = {"id": f"s{i}", "image": f"{i % 6}.png", "conversations": turns}
-        if i % 4 == 1:  # text only
-            row.pop("image")
-            turns[0]["value"] = "what color is the sky"
-        if i % 4 == 2:  # two images
-            row["image"] = [f"{i % 6}.png", f"{(i + 1) % 6}.png"]
-            turns[0]["value"] = "<image> <image>\nhow many animals"
-        rows.append(row)
-    (base / "data.json").write_text(json.dumps(rows))
-    vision = ClipConfig(model="tiny_clip", pretrained=str(clip_pt), config_path=str(clip_json), device="cpu")
-    return {"model": ModelConfig(vision=vision, lm=str(base / "lm")), "data": base / "data.json", "images": images,
-            "base": base}
-
-
-def train_config(tiny, out, **fields):
-    from trainer.config import TrainConfig
-
-    defaults = {"stage": "finetune", "out": str(out), "model": tiny["model"], "data": str(tiny["data"]),
-                "image_folder": str(tiny["images"]), "batch_size": 3, "max_steps": 6, "save_every": 3, "device": "cpu"}
-    return TrainConfig(**{**defaults, **fields})
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny):
-    from trainer.checkpoint import build_vlm
-
-    return build_vlm(tiny["model"])
-
-
-def encoder(vlm, fmt="chat", max_length=512):
-    from trainer.conversation import ConversationEncoder
-
-    return ConversationEncoder(vlm.tokenizer, vlm.image_token_id, vlm.num_patches, fmt, max_length)
-
-
-def batch_of(vlm, samples, fmt="chat"):
-    """samples: (conversations, number of images) pairs -> a collated batch with random pixels."""
-    from trainer.data import Collate
-
-    enc = encoder(vlm, fmt)
-    size = vlm.vision_tower.image_size
-    items = [{**vars(e), "pixel_values": [torch.randn(3, *size) for _ in range(e.num_images)]}
-             for e in (enc.encode(c, n) for c, n in samples)]
-    return Collate(vlm.tokenizer.pad_token_id, size)(items)
-
+from tests.tiny_vlm import batch_of, encoder, one_sentence, tiny, train_config, vlm  # noqa: F401 - fixtures
 
 TWO_TURNS = [{"from": "human", "value": "<image>\nwhat color is the sky"}, {"from": "gpt", "value": "blue"},
              {"from": "human", "value": "and the grass"}, {"from": "gpt", "value": "green"}]
@@ -322,12 +230,6 @@ def test_published_dataset_version_trains(tiny, tmp_path):
     assert len(trainer.samples) == 1 and len(trainer.run()) == 1
 
 
-def one_sentence(err: pytest.ExceptionInfo) -> str:
-    message = str(err.value)
-    assert "\n" not in message and message.endswith(".") and message.count(". ") == 0, message
-    return message
-
-
 def test_unknown_model_id_is_one_sentence():
     from trainer.language_model import resolve_language_model
 
@@ -365,77 +267,3 @@ def test_checkpoint_of_another_architecture_is_one_sentence(tiny, align_run, tmp
     with pytest.raises(UserError) as err:
         Trainer(config, progress=False)
     assert "model.projector='mlp2x_gelu'" in one_sentence(err)
-
-
-def budget_rows(images: str) -> list[dict]:
-    """Three one-image samples for max_length=48 with 16 patches per image: one that fits, one whose image would
-    start past the cut (a long question before `<image>`), one whose answer would run past it."""
-    ask = {"from": "human", "value": "<image>\nwhat color is the sky"}
-    return [{"id": "fits", "image": images, "conversations": [ask, {"from": "gpt", "value": "blue"}]},
-            {"id": "image_late", "image": images, "conversations": [
-                {"from": "human", "value": "describe the image " * 14 + "<image>"}, {"from": "gpt", "value": "blue"}]},
-            {"id": "answer_long", "image": images, "conversations": [ask, {"from": "gpt", "value": "blue and green " * 10}]}]
-
-
-def test_token_budget_guard_drops_exactly_the_samples_truncation_would_cut(tiny, tmp_path, capsys):
-    from trainer.train import Trainer
-
-    data = tmp_path / "budget.json"
-    data.write_text(json.dumps(budget_rows("0.png")))
-    trainer = Trainer(train_config(tiny, tmp_path / "run", data=str(data), max_length=48, max_steps=1, batch_size=1,
-                                   max_dropped_share=0.7), progress=False)
-    assert [trainer.samples.rows[i].id for i in range(len(trainer.samples))] == ["fits"]
-    trainer.run()
-    saved = json.loads((tmp_path / "run" / "token_budget.json").read_text())
-    assert saved["dropped"] == {"image_tokens_cut": 1, "answer_cut": 1} and saved["kept"] == 1
-    assert saved["examples"] == {"image_tokens_cut": ["image_late"], "answer_cut": ["answer_long"]}
-    printed = capsys.readouterr().err
-    assert "token budget: 1 of 3 samples fit max_length=48; dropped 1 answer_cut, 1 image_tokens_cut" in printed
-
-
-def test_token_budget_guard_stops_a_run_that_would_drop_too_much_in_one_sentence(tiny, tmp_path):
-    from trainer.train import Trainer
-
-    data = tmp_path / "budget.json"
-    data.write_text(json.dumps(budget_rows("0.png")))
-    with pytest.raises(UserError) as err:
-        Trainer(train_config(tiny, tmp_path / "run", data=str(data), max_length=48), progress=False)
-    message = one_sentence(err)
-    assert message.startswith("2 of 3 samples (66.7%) would be cut or cannot be trained at max_length=48")
-    assert "max_dropped_share=1.0%" in message
-    assert json.loads((tmp_path / "run" / "token_budget.json").read_text())["kept"] == 1
-
-
-def test_length_grouped_batches_pad_less_and_resume_in_the_same_order():
-    from trainer.data import EpochOrder, LengthGroupedOrder, padding_share
-
-    rng = random.Random(0)
-    lengths = [rng.randint(40, 600) for _ in range(1000)]  # LLaVA-like spread: short answers to long conversations
-    grouped, plain = LengthGroupedOrder(lengths, 8, seed=0), EpochOrder(len(lengths), seed=0)
-    assert sorted(grouped.epoch(0)) == list(range(1000)) and grouped.epoch(0) != grouped.epoch(1)
-    assert padding_share(lengths, grouped.epoch(0), 8) < 0.1 < 0.3 < padding_share(lengths, plain.epoch(0), 8)
-    endless = iter(LengthGroupedOrder(lengths, 8, seed=0))
-    uninterrupted = [next(endless) for _ in range(1500)]
-    resumed = iter(LengthGroupedOrder(lengths, 8, seed=0, start=1200))
-    assert [next(resumed) for _ in range(300)] == uninterrupted[1200:]
-
-
-def test_text_only_conversations_are_mixed_in_at_the_configured_ratio(tiny, tmp_path):
-    from trainer.train import Trainer
-
-    text = tmp_path / "text.json"
-    text.write_text(json.dumps([{"id": f"t{i}", "conversations": [{"from": "human", "value": "what color is the sky"},
-                                                                    {"from": "gpt", "value": "blue"}]} for i in range(5)]))
-    trainer = Trainer(train_config(tiny, tmp_path / "run", text_data=str(text), text_ratio=0.25, max_steps=2,
-                                   batch_size=4), progress=False)
-    ids = [trainer.samples.rows[i].id for i in range(len(trainer.samples))]
-    assert len(ids) == 16 and ids[:12] == [f"s{i}" for i in range(12)]  # 12 multimodal + 4 text-only: 25%
-    assert len(set(ids[12:])) == 4 and all(i.startswith("t") for i in ids[12:])
-    assert len(trainer.run()) == 2
-
-    with_image = tmp_path / "bad.json"
-    with_image.write_text(json.dumps([{"id": "x", "image": "0.png", "conversations": [
-        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "blue"}]}]))
-    with pytest.raises(UserError) as err:
-        Trainer(train_config(tiny, tmp_path / "bad", text_data=str(with_image)), progress=False)
-    assert "row x has an image" in one_sentence(err)

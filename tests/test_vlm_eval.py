@@ -12,7 +12,7 @@ from PIL import Image
 from evals.pope import QUESTION_KEYS, STRATEGIES, answer_to_label, read_answers, read_pope_file
 from evals.vlm_eval import EvalConfig, format_results, run_eval, score_qa, yes_no_questions
 from schemas.errors import UserError
-from tests.test_trainer import one_sentence, tiny  # noqa: F401 - tiny: the tiny model parts fixture
+from tests.tiny_vlm import one_sentence, tiny  # noqa: F401 - tiny: the tiny model parts fixture
 
 CATEGORIES = ["cat", "dog", "bird", "car", "chair", "cup"]
 OBJECTS = {1: ["cat", "dog"], 2: ["car"], 3: ["chair", "cup", "bird"]}  # image id -> objects present

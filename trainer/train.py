@@ -31,7 +31,8 @@ from trainer.conversation import IGNORE, ConversationEncoder
 from trainer.budget import check_token_budget
 from trainer.distributed import (ShardOf, full_weights, global_sum, gradient_sync, load_optimizer_state,
                                  optimizer_state, rank_and_size, wrap)
-from trainer.data import Collate, EpochOrder, LengthGroupedOrder, RowView, TrainingSamples, open_rows
+from trainer.data import Collate, RowView, TrainingSamples, open_rows
+from trainer.sampling import EpochOrder, LengthGroupedOrder
 from trainer.language_model import pad_token_id
 from trainer.stages import apply_stage, format_table, learning_rate, stage_spec
 

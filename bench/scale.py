@@ -12,7 +12,8 @@ clip.mode=threshold) -> dedup -> objects (the world's annotations) -> probes -> 
 verify, then records/, dropped/, the manifest and publishing. The eval-leak guard is off (no held-out set).
 
 Seconds per step are read from the job's progress lines as they arrive (a global stage's fit runs every stage
-before it): `to dedup` (read shards, validate, both CLIP halves, the threshold, dedup's fit), `to probes`
+before it): `start + crawl` (the job's imports, checks, Ray and img2dataset finding every shard done),
+`to dedup` (read shards, validate, both CLIP halves, the threshold, dedup's fit), `to probes`
 (dedup's apply, objects, the probes fit), `stages after` (probes' apply, generate, verify) and `write + publish`.
 RSS is sampled every 0.25 s: the driver (the job's own process) and every Ray worker (`ray::` processes),
 the peak of each and of the workers' sum.
@@ -52,8 +53,8 @@ RESULTS = REPO / "bench" / "results" / "scale.json"
 CONFIG = "configs/sample.yaml"
 SHARD_SIZE = 1000
 TEACHER_LATENCY = 0.05
-STEPS = (("to dedup", "dedup: fit over"), ("to probes", "probes: fit over"), ("stages after", "all stages done"),
-         ("write + publish", "Hugging Face dataset:"))
+STEPS = (("start + crawl", "crawl: done in"), ("to dedup", "dedup: fit over"), ("to probes", "probes: fit over"),
+         ("stages after", "all stages done"), ("write + publish", "Hugging Face dataset:"))
 
 
 def world(size: int) -> Path:
@@ -119,7 +120,8 @@ class Sampler(threading.Thread):
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.driver, self.stop, self.peak = psutil.Process(pid), threading.Event(), {"driver": 0, "worker": 0, "workers_sum": 0}
+        self.driver, self.stop = psutil.Process(pid), threading.Event()
+        self.peak = {"driver": 0, "worker": 0, "workers_sum": 0}
 
     def run(self) -> None:
         while not self.stop.wait(0.25):
@@ -146,13 +148,15 @@ def run_size(folder: Path, n: int, teacher: FakeServer, scratch: Path) -> dict:
                  f"crawl.shard_size={SHARD_SIZE}", "clip.mode=threshold", f"objects.annotations=[{annotations}]",
                  "eval_guard.folders=[]", "eval_guard.coco=[]", "eval_guard.crawled=[]", "evaluate.ground_truth=[]",
                  "evaluate.noise_manifest=null", "generate.max_images=16", "teacher.kind=openai",
-                 f"teacher.base_url={teacher.base_url}", "teacher.model=fake-teacher", f"teacher.cache_dir={out / 'cache'}",
+                 f"teacher.base_url={teacher.base_url}", "teacher.model=fake-teacher",
+                 f"teacher.cache_dir={out / 'cache'}",
                  "proof.enabled=false"]
     config = load_config(CONFIG, overrides)
     run = RunDirectory.open(config, "ray")
     run.prepare(probe_hosts=False)
     shards = write_crawl_output(run, folder / "images" / "train")
-    command = [sys.executable, "pipelines/build_instruct.py", "--config", CONFIG, *[a for o in overrides for a in ("--set", o)]]
+    command = [sys.executable, "pipelines/build_instruct.py", "--config", CONFIG,
+               *[a for o in overrides for a in ("--set", o)]]
     started = time.perf_counter()
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=(out / "job.log").open("w"), text=True,
                            env={**os.environ, **LOOPBACK_ONLY_ENV})
@@ -209,7 +213,8 @@ def main() -> None:
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
                "loadavg_after": os.getloadavg(), "shard_size": SHARD_SIZE, "teacher_latency_s": TEACHER_LATENCY,
                "sizes": rows, "time_ratio": round(time_ratio, 2), "linear_ratio": growth,
-               "time_vs_linear": round(time_ratio / growth, 3), "driver_memory_ratio_without_matrix": round(memory_ratio, 3),
+               "time_vs_linear": round(time_ratio / growth, 3),
+               "driver_memory_ratio_without_matrix": round(memory_ratio, 3),
                "targets": {"time_vs_linear": 1.2, "driver_memory_ratio_without_matrix": 1.5},
                "met": {"time": time_ratio / growth <= 1.2, "driver_memory": memory_ratio <= 1.5}}
     print(f"{small['images']} -> {large['images']} images: time x{time_ratio:.2f} (linear x{growth:g}: "

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from bench import save_results
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
-from generators.instructions import TEACHER_TYPES
+from generators.teacher_types import TEACHER_TYPES
 from generators.prompts import PROMPT_VERSION, rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import TeacherClient, TeacherRequest, response_format
 from schemas.vocabulary import COCO_CATEGORIES
@@ -60,7 +60,8 @@ def mixed_requests(n: int, offset: int) -> list[tuple[list[dict], dict]]:
                                                              f"Yes, there is a {objects[0].category}."]),
                         response_format("json_object", rephrasings_model(2))))
         else:
-            out.append((task_messages(kind, caption, objects), response_format("json_object", TEACHER_TYPES[kind])))
+            out.append((task_messages(kind, caption, objects),
+                        response_format("json_object", TEACHER_TYPES[kind].output)))
     return out
 
 
@@ -202,7 +203,7 @@ def client_cpu_part(n: int = 2000, concurrency: int = 64) -> dict:
     config = load_config(CONFIG, ["teacher.kind=openai", "teacher.model=fake-teacher",
                                   f"teacher.concurrency={concurrency}"]).teacher
     objects = [ObjectAnnotation(category="cup", box=(0.1, 0.5, 0.3, 0.7))]
-    requests = [TeacherRequest(task_messages("conversation", f"Photo {i}.", objects), TEACHER_TYPES["conversation"],
+    requests = [TeacherRequest(task_messages("conversation", f"Photo {i}.", objects), TEACHER_TYPES["conversation"].output,
                                seed=i) for i in range(n)]
     try:
         client = TeacherClient(config, server.base_url, PROMPT_VERSION)

@@ -1,8 +1,8 @@
 """The `generate` stage: the teacher writes LLaVA records for each image from its caption and objects.
 
 Per image picked for the teacher (`teacher_selected`, from generate.max_images), `types_per_image` of
-the teacher types (conversation, detail, reasoning; picked by uid, as LLaVA-Instruct has about two
-records per image). Every image with probes gets a `negatives` record of the program's yes/no probes:
+the teacher types (`generators/teacher_types/`: conversation, detail, reasoning; picked by uid, as
+LLaVA-Instruct has about two records per image). Every image with probes gets a `negatives` record of the program's yes/no probes:
 the teacher rephrases the answers of the first `rephrase_per_image` probes of a selected image; all
 other answers stay the program's own phrasings, with no teacher call. The record's provenance carries
 `probe_labels` and `probe_kinds`, aligned with its human turns (the verifier keeps them aligned).
@@ -18,30 +18,18 @@ import json
 import time
 
 from generators.absent_objects import Probe, record_objects, seeded_rng
-from generators.prompts import (PROMPT_VERSION, Conversation, Description, Reasoning, rephrase_messages,
-                                rephrasings_model, task_messages)
+from generators.prompts import PROMPT_VERSION, rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import TeacherClient, TeacherError, TeacherRequest, TeacherUsage
 from generators.teacher_cache import TeacherCache
+from generators.teacher_types import TEACHER_TYPES, check_types
 from schemas.config import GenerateConfig, TeacherConfig
 from schemas.records import ImageRecord, StageResult, llava_conversation
-
-TEACHER_TYPES = {"conversation": Conversation, "detail": Description, "reasoning": Reasoning}
-
-# The instructions LLaVA's detailed-description records open with (a fixed list, one picked per image).
-DETAIL_PROMPTS = (
-    "Describe the following image in detail.",
-    "Provide a detailed description of the given image.",
-    "Give an elaborate explanation of the image you see.",
-    "Share a comprehensive rundown of the presented image.",
-    "Explain the various aspects of the image before you.",
-    "Write an exhaustive depiction of the given image.",
-)
-
 
 class InstructionGenerator:
     name = "generate"
 
     def __init__(self, teacher: TeacherConfig, generate: GenerateConfig, base_url: str, cache_dir: str | None):
+        check_types(generate.types)
         self.teacher, self.config = teacher, generate
         self.client = TeacherClient(teacher, base_url, PROMPT_VERSION, TeacherCache(cache_dir) if cache_dir else None)
 
@@ -64,7 +52,7 @@ class InstructionGenerator:
                 return None
             return TeacherRequest(rephrase_messages(caption, objects, [p.answer for p in rephrased]),
                                   rephrasings_model(len(rephrased)), seed, usage)
-        return TeacherRequest(task_messages(kind, caption, objects), TEACHER_TYPES[kind], seed, usage)
+        return TeacherRequest(task_messages(kind, caption, objects), TEACHER_TYPES[kind].output, seed, usage)
 
     def rephrased(self, record: ImageRecord) -> list[Probe]:
         """The probes whose answers the teacher rewords: the first few, for a selected image only."""
@@ -72,13 +60,9 @@ class InstructionGenerator:
 
     def assemble(self, record: ImageRecord, kind: str, answer) -> dict:
         provenance = {}
-        if kind == "conversation":
-            pairs = [(t.question, t.answer) for t in answer.turns]
-        elif kind == "detail":
-            pairs = [(seeded_rng(self.teacher.seed, record.uid).choice(DETAIL_PROMPTS), answer.description)]
-        elif kind == "reasoning":
-            pairs = [(answer.question, answer.answer)]
-        else:
+        if kind in TEACHER_TYPES:
+            pairs = TEACHER_TYPES[kind].turns(answer, seeded_rng(self.teacher.seed, record.uid))
+        else:  # negatives: the program's probes, some answers reworded by the teacher
             probes = probes_of(record)
             worded = answer.answers if answer is not None else []  # the teacher's, for the first probes
             answers = [*worded, *(p.answer for p in probes[len(worded):])]

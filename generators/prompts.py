@@ -1,4 +1,5 @@
-"""Our prompts for the three LLaVA data types and for rephrasing probe answers, with few-shot examples.
+"""Our prompts for the teacher's data types (`generators/teacher_types/`) and for rephrasing probe answers,
+with few-shot examples.
 
 The teacher sees what LLaVA's GPT-4 saw: the caption and the objects with normalized boxes, never
 the pixels. `PROMPT_VERSION` goes into every record's provenance and into the teacher cache key:
@@ -10,40 +11,19 @@ import functools
 import json
 from collections import Counter
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from generators.teacher_types import TEACHER_TYPES, Output
 from schemas.vocabulary import noun_phrase
 from schemas.records import ObjectAnnotation, neutralize_placeholders
 
 PROMPT_VERSION = "2026-11-30.1"
 
 
-class _Output(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class QA(_Output):
-    question: str = Field(min_length=3, max_length=300)
-    answer: str = Field(min_length=1, max_length=600)
-
-
-class Conversation(_Output):
-    turns: list[QA] = Field(min_length=2, max_length=3)
-
-
-class Description(_Output):
-    description: str = Field(min_length=10, max_length=800)
-
-
-class Reasoning(_Output):
-    question: str = Field(min_length=3, max_length=300)
-    answer: str = Field(min_length=1, max_length=800)
-
-
 @functools.lru_cache(maxsize=None)  # one class per n: the teacher client caches its JSON schema by class
-def rephrasings_model(n: int) -> type[_Output]:
+def rephrasings_model(n: int) -> type[Output]:
     """Exactly n answers, one per probe, in order."""
-    return type(f"Rephrasings{n}", (_Output,), {"__annotations__": {"answers": list[str]},
+    return type(f"Rephrasings{n}", (Output,), {"__annotations__": {"answers": list[str]},
                                                  "answers": Field(min_length=n, max_length=n)})
 
 
@@ -79,29 +59,8 @@ _EXAMPLE_OBJECTS = [ObjectAnnotation(category="cup", box=(0.10, 0.55, 0.25, 0.80
                     ObjectAnnotation(category="banana", box=(0.70, 0.60, 0.92, 0.75))]
 _EXAMPLE = facts("Two cups and a banana on a kitchen counter.", _EXAMPLE_OBJECTS)
 
-TASKS = {
-    "conversation": (
-        "Write a short conversation about the image: a person asks 3 questions and you answer each from the "
-        "facts (what is there, how many, where).",
-        Conversation(turns=[
-            QA(question="What fruit is on the counter?", answer="There is a banana on the right side of the counter."),
-            QA(question="How many cups are there?", answer="There are two cups."),
-            QA(question="Where are the cups?", answer="The two cups stand next to each other on the left."),
-        ]),
-    ),
-    "detail": (
-        "Describe the image in detail in two or three sentences: every object, its count and where it is.",
-        Description(description="The image shows a kitchen counter with two cups and a banana. The two cups stand "
-                                "side by side on the left, and the banana lies on the right."),
-    ),
-    "reasoning": (
-        "Ask one question that needs reasoning about the scene (what is happening, why the objects are there, "
-        "what someone could do next) and answer it in two sentences, using only the listed objects.",
-        Reasoning(question="What might someone be preparing here?",
-                  answer="With two cups and a banana on the counter, someone may be having a drink and a "
-                         "snack. The cups suggest it is for two people."),
-    ),
-}
+# name -> (instruction, few-shot example), from the registry of teacher types.
+TASKS = {name: (kind.instruction, kind.example) for name, kind in TEACHER_TYPES.items()}
 
 
 def _system_with_examples() -> str:
@@ -124,7 +83,7 @@ _REPHRASE_EXAMPLE_OUT = ["No, I don't see a dog here; the image shows two cups a
 
 
 def task_messages(kind: str, caption: str, objects: list[ObjectAnnotation]) -> list[dict[str, str]]:
-    instruction, _ = TASKS[kind]
+    instruction = TEACHER_TYPES[kind].instruction
     return [{"role": "system", "content": SYSTEM_WITH_EXAMPLES},
             {"role": "user", "content": f"{facts(caption, objects)}\n\nTask ({kind}): {instruction}"}]
 

@@ -27,6 +27,7 @@ from filters.clip_loader import resolve_weights
 from schemas.coco import load_coco_instances
 from generators.prompts import PROMPT_VERSION
 from generators.teacher import TeacherUsage, check_reachable
+from generators.teacher_types import check_types
 from pipelines.dataset_card import write_dataset_card
 from schemas.errors import disk_full_error, disk_full_is_user_error, no_space_sentence
 from pipelines.publish import publish_dataset, push_record, push_version
@@ -162,6 +163,7 @@ class RunDirectory:
         resolve_weights(self.config.clip)  # a bad model name or checkpoint fails here, not inside a worker
         check_annotations(self.config.objects.annotations + self.config.evaluate.ground_truth)
         check_references(self.config.eval_guard)
+        check_types(self.config.generate.types)
         warn_unreachable_hosts(table, crawl.preflight_hosts if probe_hosts else 0, frozenset(crawl.allow_private_networks))
         self.work.mkdir(parents=True, exist_ok=True)
         for derived in ("records", "dropped"):  # a resumed run rewrites these whole; only shards are reused

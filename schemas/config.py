@@ -172,10 +172,13 @@ class TeacherConfig(_Section):
 class GenerateConfig(_Section):
     """What the teacher writes per image, and the program-labelled probes mixed in."""
 
-    types: list[Literal["conversation", "detail", "reasoning", "negatives"]] = Field(
-        default_factory=lambda: ["conversation", "detail", "reasoning", "negatives"])
+    # The teacher's types are registered in generators/teacher_types/ (checked before any crawl), plus the
+    # program's `negatives`.
+    types: list[str] = Field(default_factory=lambda: ["conversation", "detail", "reasoning", "negatives"],
+                             min_length=1, description="data types to write")
     # LLaVA-Instruct-158K has about two records per image, not all three types for each.
-    types_per_image: int = Field(default=3, ge=1, le=3, description="teacher types per image, picked by uid")
+    types_per_image: int = Field(default=3, ge=1, description="teacher types per image, picked by uid (at most "
+                                                              "the teacher types listed)")
     max_images: int | None = Field(default=None, ge=1, description="the teacher writes for this many images (picked "
                                    "by uid hash); every image still gets its probes")
     batch_size: int = Field(default=16, ge=1)

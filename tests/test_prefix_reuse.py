@@ -7,7 +7,7 @@ import random
 
 import openai
 
-from generators.instructions import TEACHER_TYPES
+from generators.teacher_types import TEACHER_TYPES
 from generators.prompts import rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import response_format
 from pipelines.services.embedded_teacher import EmbeddedTeacher, served_prompts
@@ -25,7 +25,7 @@ def request(kind: str, caption: str) -> tuple[list[dict], dict]:
     if kind == "negatives":
         return (rephrase_messages(caption, OBJECTS, ["No, there is no car in the image.", "Yes, there is a dog."]),
                 response_format("json_object", rephrasings_model(2)))
-    return task_messages(kind, caption, OBJECTS), response_format("json_object", TEACHER_TYPES[kind])
+    return task_messages(kind, caption, OBJECTS), response_format("json_object", TEACHER_TYPES[kind].output)
 
 
 FIXED = [request(kind, caption) for caption in CAPTIONS[:3] for kind in ("conversation", "detail", "reasoning")] + \

@@ -14,7 +14,8 @@ import sys
 from tests.conftest import REPO, free_port, read_dir
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.instructions import InstructionGenerator
-from generators.prompts import PROMPT_VERSION, Description, task_messages
+from generators.prompts import PROMPT_VERSION, task_messages
+from generators.teacher_types.detail import Description
 from generators.teacher import TeacherClient, TeacherRequest
 from pipelines.services.embedded_teacher import served_prompts
 from infra.fault_proxy import FaultProxy

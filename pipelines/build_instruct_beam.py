@@ -57,18 +57,52 @@ class FittedStageDoFn(beam.DoFn):
             yield record.model_dump()
 
 
+class ColumnsCombineFn(beam.CombineFn):
+    """A global stage's fit columns of every live row, combined into one Arrow table: each worker turns its rows
+    into record batches of `chunk` rows as they come (no list of Python dicts for the whole dataset), partial
+    results merge by concatenation, and the fit reads the columns as arrays. An empty input gives an empty
+    table of the right types."""
+
+    def __init__(self, columns: list[str], chunk: int = 4096):
+        self.schema = pa.schema([RECORD_SCHEMA.field(c) for c in columns])
+        self.chunk = chunk
+
+    def create_accumulator(self) -> tuple[list[dict], list[pa.RecordBatch]]:
+        return [], []
+
+    def add_input(self, accumulator, row: dict):
+        pending, batches = accumulator
+        pending.append({name: row[name] for name in self.schema.names})
+        if len(pending) >= self.chunk:
+            return self.compact(accumulator)
+        return accumulator
+
+    def compact(self, accumulator):
+        pending, batches = accumulator
+        if pending:
+            batches = [*batches, pa.RecordBatch.from_pylist(pending, self.schema)]
+        return [], batches
+
+    def merge_accumulators(self, accumulators):
+        merged = [], []
+        for accumulator in accumulators:
+            merged = [], merged[1] + self.compact(accumulator)[1]
+        return merged
+
+    def extract_output(self, accumulator) -> pa.Table:
+        return pa.Table.from_batches(self.compact(accumulator)[1], self.schema)
+
+
 def apply_on_beam(rows, stage: MapStage | GlobalStage, config: PipelineConfig):
     size = (stage.batch_size if isinstance(stage, MapStage) else None) or config.validate_.batch_size
     batched = rows | f"Batch {stage.name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
     if isinstance(stage, MapStage):
         return batched | f"Stage {stage.name}" >> beam.ParDo(StageDoFn(StageBatches(stage.name, stage.factory)))
-    columns = stage.columns
-    fitted = (  # the global half: one combine over the live rows' columns, then a side input
+    fitted = (  # the global half: one combine of the live rows' columns into an Arrow table, then a side input
         rows
         | f"Live {stage.name}" >> beam.Filter(lambda r: r["status"] == KEEP)
-        | f"Columns {stage.name}" >> beam.Map(lambda r: {c: r[c] for c in columns})
-        | f"Gather {stage.name}" >> beam.combiners.ToList()
-        | f"Fit {stage.name}" >> beam.Map(lambda live: stage.fit(pa.Table.from_pylist(live, RECORD_SCHEMA).select(columns)))
+        | f"Columns {stage.name}" >> beam.CombineGlobally(ColumnsCombineFn(stage.columns))
+        | f"Fit {stage.name}" >> beam.Map(stage.fit)
     )
     return batched | f"Apply {stage.name}" >> beam.ParDo(FittedStageDoFn(stage), beam.pvalue.AsSingleton(fitted))
 

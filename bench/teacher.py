@@ -178,7 +178,7 @@ def stage_part(records: int, workdir: Path) -> dict:
                                           "objects.annotations=[]"])
             generate = next(s for s in stage_plan(config) if s.name == "generate")
             start = time.perf_counter()
-            result = pa.concat_tables(ray.get(apply_on_ray(ray.data.from_arrow(table), generate, config).to_arrow_refs()))
+            result = pa.concat_tables(ray.get(apply_on_ray(ray.data.from_arrow(table), generate).to_arrow_refs()))
             wall = time.perf_counter() - start
             stats = server.stats()
             server.stop()

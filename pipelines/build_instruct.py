@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from pipelines.cli import parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, crawl_passes, read_shard  # noqa: E402
-from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
+from pipelines.run import RunDirectory, run_version  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
 from pipelines.batches import DROPPED_SCHEMA, RECORD_SCHEMA, StageBatches, records_to_table  # noqa: E402
 from pipelines.stages import GlobalStage, MapStage, stage_plan  # noqa: E402
@@ -48,7 +48,7 @@ def progress(message: str) -> None:
     print(f"[pipeline] {message}", flush=True)
 
 
-def apply_on_ray(ds: ray.data.Dataset, stage: MapStage | GlobalStage, config: PipelineConfig) -> ray.data.Dataset:
+def apply_on_ray(ds: ray.data.Dataset, stage: MapStage | GlobalStage) -> ray.data.Dataset:
     if isinstance(stage, GlobalStage):  # fit on the driver over the live rows' columns, then apply per batch
         started = time.perf_counter()
         ds = ds.materialize()
@@ -57,8 +57,9 @@ def apply_on_ray(ds: ray.data.Dataset, stage: MapStage | GlobalStage, config: Pi
         fitted = stage.fit(table.select(stage.columns))
         progress(f"{stage.name}: fit over {table.num_rows} live rows; the stages before it took "
                  f"{time.perf_counter() - started:.0f} s")
-        return ds.map_batches(StageBatches(stage.name, partial(stage.apply, fitted)), batch_format="pyarrow")
-    batch_size = stage.batch_size or config.validate_.batch_size
+        return ds.map_batches(StageBatches(stage.name, partial(stage.apply, fitted)), batch_format="pyarrow",
+                              batch_size=stage.batch_size)
+    batch_size = stage.batch_size
     if stage.uses_model:  # an actor pool: each actor loads the model (or opens the client) once
         calls = stage.concurrent_batches
         if calls > 1:  # one batch per block: a batch's output leaves when it is done, not with its whole block
@@ -71,11 +72,7 @@ def apply_on_ray(ds: ray.data.Dataset, stage: MapStage | GlobalStage, config: Pi
 
 
 def run(config: PipelineConfig) -> dict:
-    run_dir = RunDirectory.open(config, engine="ray")
-    if (done := run_dir.existing_manifest()) is not None:
-        return done
-    with teacher_endpoint(config, run_dir) as config:  # started (embedded) and reachable before any crawling
-        return _run(run_dir.with_config(config))
+    return run_version(config, "ray", _run)
 
 
 def _run(run_dir: RunDirectory) -> dict:
@@ -96,7 +93,7 @@ def _run(run_dir: RunDirectory) -> dict:
         for stage in stage_plan(config):
             if not isinstance(stage, GlobalStage):
                 running.append(stage.name)
-            ds = apply_on_ray(ds, stage, config)
+            ds = apply_on_ray(ds, stage)
             if isinstance(stage, GlobalStage):
                 running = [stage.name]
         ds = ds.materialize()

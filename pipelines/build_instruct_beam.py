@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from pipelines.cli import parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, crawl_passes, read_shard  # noqa: E402
-from pipelines.run import RunDirectory, teacher_endpoint  # noqa: E402
+from pipelines.run import RunDirectory, run_version  # noqa: E402
 from pipelines.batches import DROPPED_SCHEMA, RECORD_SCHEMA, StageBatches  # noqa: E402
 from pipelines.stages import GlobalStage, MapStage, stage_plan  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
@@ -93,8 +93,8 @@ class ColumnsCombineFn(beam.CombineFn):
         return pa.Table.from_batches(self.compact(accumulator)[1], self.schema)
 
 
-def apply_on_beam(rows, stage: MapStage | GlobalStage, config: PipelineConfig):
-    size = (stage.batch_size if isinstance(stage, MapStage) else None) or config.validate_.batch_size
+def apply_on_beam(rows, stage: MapStage | GlobalStage):
+    size = stage.batch_size
     batched = rows | f"Batch {stage.name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
     if isinstance(stage, MapStage):
         return batched | f"Stage {stage.name}" >> beam.ParDo(StageDoFn(StageBatches(stage.name, stage.factory)))
@@ -108,11 +108,7 @@ def apply_on_beam(rows, stage: MapStage | GlobalStage, config: PipelineConfig):
 
 
 def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None = None) -> dict:
-    run_dir = RunDirectory.open(config, engine="beam")
-    if (done := run_dir.existing_manifest()) is not None:
-        return done
-    with teacher_endpoint(config, run_dir) as config:  # started (embedded) and reachable before any crawling
-        return _run(run_dir.with_config(config), beam_args, shards_from)
+    return run_version(config, "beam", lambda run_dir: _run(run_dir, beam_args, shards_from))
 
 
 def _run(run_dir: RunDirectory, beam_args: list[str], shards_from: Path | None) -> dict:
@@ -139,7 +135,7 @@ def _run(run_dir: RunDirectory, beam_args: list[str], shards_from: Path | None) 
             | "ReadShard" >> beam.FlatMap(lambda i: [r.model_dump() for r in read_shard(shards, i, url_list)])
         )
         for stage in stage_plan(config):
-            rows = apply_on_beam(rows, stage, config)
+            rows = apply_on_beam(rows, stage)
         _ = (rows | "Kept" >> beam.Filter(lambda r: r["status"] == KEEP)
              | "WriteRecords" >> beam.io.WriteToParquet(str(records_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
         _ = (rows | "Dropped" >> beam.Filter(lambda r: r["status"] != KEEP)

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from evals.grounding_eval import evaluate_grounding
 from evals.noise_eval import evaluate_against_noise, read_rows
@@ -72,6 +72,17 @@ def teacher_endpoint(config: PipelineConfig, run: "RunDirectory") -> Iterator[Pi
             raise UserError("teacher.kind=openai needs teacher.base_url (e.g. https://api.openai.com/v1).")
         check_reachable(teacher, base_url)
         yield config.model_copy(update={"teacher": teacher.model_copy(update={"base_url": base_url})})
+
+
+def run_version(config: PipelineConfig, engine: str, body: Callable[["RunDirectory"], dict]) -> dict:
+    """The run skeleton both engines share: a version that is complete already is only announced (and a push
+    it owes retried); otherwise the teacher is started (embedded) and reachable before any crawling, and
+    `body` runs the engine's crawl-to-publish inside that block, with the resolved teacher address."""
+    run_dir = RunDirectory.open(config, engine=engine)
+    if (done := run_dir.existing_manifest()) is not None:
+        return done
+    with teacher_endpoint(config, run_dir) as config:
+        return body(run_dir.with_config(config))
 
 
 def check_output_root(config: PipelineConfig) -> Path:

@@ -31,7 +31,7 @@ class MapStage:
     name: str
     factory: Callable[[], Stage]
     uses_model: bool = False  # runs on an actor pool (Ray) that keeps the model (or client) loaded
-    batch_size: int | None = None  # default: validate.batch_size
+    batch_size: int | None = None  # stage_plan sets what is not given: validate.batch_size
     num_actors: int = 1
     num_gpus: float = 0
     # Batches one actor works on at once (threads sharing its model or client). Above 1, the stage also gets
@@ -47,6 +47,7 @@ class GlobalStage:
     columns: list[str]
     fit: Callable[[pa.Table], Any]
     apply: Callable[[Any], Stage]
+    batch_size: int | None = None  # of the apply half; stage_plan sets it
 
 
 def teacher_cache_dir(config: PipelineConfig) -> str:
@@ -88,6 +89,8 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
                  concurrent_batches=teacher_batches_in_flight(config)),
         MapStage("verify", partial(GroundingVerifier, config.objects.vocabulary)),
     ]
+    for stage in plan:  # both engines batch as the plan says: a stage's own setting, else validate's (light per-row work)
+        stage.batch_size = stage.batch_size or config.validate_.batch_size
     return plan
 
 

@@ -57,7 +57,7 @@ def generate_on_ray(table: pa.Table, base_url: str, cache_dir, *overrides: str) 
         f"teacher.cache_dir={cache_dir}", "objects.annotations=[]", *overrides])
     ray.data.DataContext.get_current().execution_no_progress_timeout_s = config.ray.no_progress_timeout
     generate = next(stage for stage in stage_plan(config) if stage.name == "generate")
-    return pa.concat_tables(ray.get(apply_on_ray(ray.data.from_arrow(table), generate, config).to_arrow_refs()))
+    return pa.concat_tables(ray.get(apply_on_ray(ray.data.from_arrow(table), generate).to_arrow_refs()))
 
 
 def by_uid(table: pa.Table) -> dict[str, tuple]:

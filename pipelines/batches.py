@@ -23,6 +23,7 @@ from schemas.records import KEEP, ImageRecord, StageResult, stored_type
 
 Stage = Callable[[list[ImageRecord]], StageResult]
 
+
 def arrow_type(annotation) -> pa.DataType:
     """The Arrow type of a record field: numbers in 32 bits (sizes, CLIP scores and embeddings need no more),
     nullable where the field is optional (every Arrow column is)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 
 from bench import save_results
@@ -75,6 +76,10 @@ def grouping(version: Path, tmp: Path, batch_size: int, steps: int) -> dict:
             "tokens_per_s": {"plain": rate[False], "grouped": rate[True]}, "speedup": rate[True] / rate[False]}
 
 
+def train_one(config_json: str) -> None:
+    Trainer(TrainConfig.model_validate_json(config_json), progress=False).run()
+
+
 def workers(version: Path, tmp: Path, batch_size: int, steps: int, arms: set[str]) -> dict:
     import ray
 
@@ -85,7 +90,15 @@ def workers(version: Path, tmp: Path, batch_size: int, steps: int, arms: set[str
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
     started = time.perf_counter()
-    Trainer(finetune_config(version, tmp / "one", batch_size=2 * batch_size, max_steps=steps), progress=False).run()
+    # In a process of its own, as each Ray Train worker is: a finished trainer's memory (~8 GB at 100 steps)
+    # stays with the process that ran it, and beside two workers it had Ray's memory monitor kill one.
+    one = multiprocessing.get_context("spawn").Process(
+        target=train_one, args=(finetune_config(version, tmp / "one", batch_size=2 * batch_size,
+                                                max_steps=steps).model_dump_json(),))
+    one.start()
+    one.join()
+    if one.exitcode:
+        raise SystemExit(f"the one-process arm failed (exit {one.exitcode})")
     one_seconds = time.perf_counter() - started
     owned = start_head()
     try:

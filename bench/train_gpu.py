@@ -51,13 +51,17 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def build_language_model(folder: Path, shape: dict) -> int:
-    """A random-weight Llama with the embedded tokenizer, saved where `model.lm` can point; returns its parameters."""
+def build_language_model(folder: Path, shape: dict, tokenizer_dir: Path | None) -> int:
+    """A random-weight Llama with the embedded tokenizer (or the one saved in `tokenizer_dir`), saved where
+    `model.lm` can point; returns its parameters."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trainer.language_model import EMBEDDED_GGUF, embedded_gguf_dir
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        from trainer.language_model import EMBEDDED_GGUF, embedded_gguf_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
     torch.manual_seed(0)
@@ -116,6 +120,8 @@ def main() -> None:
     p.add_argument("--answer-words", type=int, default=420, help="words per answer: 576 image + >= 448 text tokens")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s, where the name is not known")
+    p.add_argument("--tokenizer", type=Path, help="a saved tokenizer folder instead of the embedded GGUF's (a GPU "
+                                                  "machine the 90 MB GGUF package cannot be carried to)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:
@@ -126,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-gpu-") as tmp:
         tmp = Path(tmp)
         (tmp / "lm").mkdir(), (tmp / "data").mkdir()
-        lm_params = build_language_model(tmp / "lm", shape)
+        lm_params = build_language_model(tmp / "lm", shape, args.tokenizer)
         tower = tower_config(tmp, image_size)
         vision = {"model": tower.stem, "pretrained": None, "config_path": str(tower)}
         data = write_data(tmp / "data", batch * (steps + warmup), 60 if args.quick else args.answer_words)

@@ -2,10 +2,11 @@
 
 Per image picked for the teacher (`teacher_selected`, from generate.max_images), `types_per_image` of
 the teacher types (`generators/teacher_types/`: conversation, detail, reasoning; picked by uid, as
-LLaVA-Instruct has about two records per image). Every image with probes gets a `negatives` record of the program's yes/no probes:
-the teacher rephrases the answers of the first `rephrase_per_image` probes of a selected image; all
-other answers stay the program's own phrasings, with no teacher call. The record's provenance carries
-`probe_labels` and `probe_kinds`, aligned with its human turns (the verifier keeps them aligned).
+LLaVA-Instruct has about two records per image). Every image with probes gets a `negatives` record of
+the program's yes/no probes: the teacher rephrases the answers of the first `rephrase_per_image` probes
+of a selected image; all other answers stay the program's own phrasings, with no teacher call. The
+record's provenance carries `probe_labels` and `probe_kinds`, aligned with its human turns (the
+verifier keeps them aligned).
 Records are in LLaVA's schema: `{"id", "type", "conversations": [{"from": "human"|"gpt", "value"}],
 "provenance"}` with `<image>` in the first human turn and nowhere else (`llava_conversation` neutralizes
 placeholders a caption or the teacher put in the text). A request that fails for good drops the image

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from schemas.flags import apply_override, read_yaml, validated
+from schemas.flags import read_tree, validated
 
 
 class _Section(BaseModel):
@@ -288,10 +288,7 @@ class PipelineConfig(_Section):
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
     """The pipeline's config from a YAML file (none: every default) and `--set` overrides (`schemas/flags.py`)."""
-    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    return validated(PipelineConfig, tree, "configs/sample.yaml")
+    return validated(PipelineConfig, read_tree(path, overrides, "configs/sample.yaml"), "configs/sample.yaml")
 
 
 def save_config(config: PipelineConfig, path: Path) -> None:

@@ -36,14 +36,19 @@ def plain_fields(model: type[BaseModel]) -> list[str]:
 
 
 def config_tree(model: type[BaseModel], args: argparse.Namespace, example: str) -> dict[str, Any]:
-    """The YAML file's mapping, then the `--field-name` flags given (list fields comma-separated:
-    `--types caption,detail`), then the `--set` overrides."""
-    tree = read_yaml(args.config, example) if getattr(args, "config", None) else {}
-    for name in plain_fields(model):
-        if name in vars(args):
-            raw = getattr(args, name)
-            tree[name] = raw.split(",") if "list[" in str(model.model_fields[name].annotation) else raw
-    for assignment in getattr(args, "overrides", []):
+    """`read_tree` of an `add_config_flags` command line: the `--field-name` flags given (list fields
+    comma-separated: `--types caption,detail`) set between the file and the overrides."""
+    fields = {name: getattr(args, name).split(",") if "list[" in str(model.model_fields[name].annotation)
+              else getattr(args, name) for name in plain_fields(model) if name in vars(args)}
+    return read_tree(getattr(args, "config", None) or None, getattr(args, "overrides", []), example, fields)
+
+
+def read_tree(path: str | Path | None, overrides: list[str], example: str,
+              fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The YAML file's mapping (no file: empty), then `fields` set on it, then the `--set` overrides."""
+    tree = read_yaml(path, example) if path is not None else {}
+    tree.update(fields or {})
+    for assignment in overrides:
         apply_override(tree, assignment)
     return tree
 

@@ -84,10 +84,7 @@ class ColumnsCombineFn(beam.CombineFn):
         return [], batches
 
     def merge_accumulators(self, accumulators):
-        merged = [], []
-        for accumulator in accumulators:
-            merged = [], merged[1] + self.compact(accumulator)[1]
-        return merged
+        return [], [batch for accumulator in accumulators for batch in self.compact(accumulator)[1]]
 
     def extract_output(self, accumulator) -> pa.Table:
         return pa.Table.from_batches(self.compact(accumulator)[1], self.schema)

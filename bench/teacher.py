@@ -1,21 +1,24 @@
 """Teacher throughput, two parts, each compared as ratios measured in the same run:
 
-1. The embedded teacher (llama.cpp, SmolLM2-135M): requests/s and prompt tokens evaluated per request, with
-   every prompt evaluated from scratch and with the shared prefix restored (pipelines/services/llama_server.py). Both
-   servers run side by side and take the same requests (mixed task types) in alternating rounds.
+1. The embedded teacher (llama.cpp, SmolLM2-135M): requests/s and prompt tokens evaluated per request, for
+   llama-cpp-python's own server (every prompt evaluated from scratch, the grammar checked over the whole
+   vocabulary per token), with the shared prefix restored, and with the grammar also checked lazily
+   (pipelines/services/llama_server.py; what the pipeline runs). The three servers run side by side and take
+   the same requests (mixed task types) in rotating order; their answers must be identical.
 2. The generate stage on Ray (one actor) against the fake served model (infra/fake_teacher.py, its own
    process, 0.5 s a request, no concurrency limit) at teacher.concurrency 16, 64 and 256: the achieved rate
    over the ideal one (concurrency / latency), from the server's first request to its last answer; and the
    client's CPU time per request (TeacherClient alone, in this process, the server in another).
 
-    python -m bench.teacher [--rounds 3] [--requests 8] [--records 1200]
+    python -m bench.teacher [--rounds 3] [--requests 8] [--waves 40] [--stage-repeats 3]
 
 Prints and writes bench/results/teacher.json. Targets (issue 13): prefix reuse >= 2x requests/s; the stage
-at >= 0.9 of ideal at concurrency 64 and >= 0.8 at 256.
+at >= 0.9 of ideal at concurrency 64 and >= 0.8 at 256 (medians of --stage-repeats interleaved runs).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -29,13 +32,13 @@ from pathlib import Path
 import openai
 import pyarrow as pa
 
-from bench import save_results
+from bench import medians, save_results
 from generators.absent_objects import AbsentObjectSampler, fit_object_statistics
 from generators.teacher_types import TEACHER_TYPES
 from generators.prompts import PROMPT_VERSION, rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import TeacherClient, TeacherRequest, response_format
 from schemas.vocabulary import COCO_CATEGORIES
-from pipelines.services.embedded_teacher import EmbeddedTeacher, free_port, served_prompts
+from pipelines.services.embedded_teacher import EmbeddedTeacher, free_port, grammar_checks, served_prompts
 from infra.local_cluster import LOOPBACK_ONLY_ENV, start_head, stop_head
 from schemas.config import load_config
 from schemas.records import KEEP, ImageRecord, ObjectAnnotation
@@ -75,36 +78,47 @@ def serve(base_url: str, model: str, requests: list, max_tokens: int) -> tuple[f
     return time.perf_counter() - start, answers
 
 
+ARMS = {"scratch": {"prefix_reuse": False, "lazy_grammar": False},  # llama-cpp-python's own server
+        "reuse": {"prefix_reuse": True, "lazy_grammar": False},
+        "reuse_lazy_grammar": {"prefix_reuse": True, "lazy_grammar": True}}  # what the pipeline runs
+
+
 def embedded_part(rounds: int, n: int, workdir: Path) -> dict:
     config = load_config(CONFIG).teacher
-    logs = {"scratch": workdir / "scratch.log", "reuse": workdir / "reuse.log"}
-    with EmbeddedTeacher(config.model_copy(update={"port": free_port()}), logs["scratch"], prefix_reuse=False) as scratch, \
-            EmbeddedTeacher(config.model_copy(update={"port": free_port()}), logs["reuse"]) as reuse:
-        warm = mixed_requests(4, 99_000)  # both: model paged in; the reusing one sees the prefix twice and saves it
-        serve(scratch, config.model, warm, config.max_tokens)
-        serve(reuse, config.model, warm, config.max_tokens)
-        before = len(served_prompts(logs["reuse"]))
-        seconds = {"scratch": 0.0, "reuse": 0.0}
+    logs = {name: workdir / f"{name}.log" for name in ARMS}
+    with contextlib.ExitStack() as stack:
+        servers = {name: stack.enter_context(EmbeddedTeacher(config.model_copy(update={"port": free_port()}),
+                                                             logs[name], **flags)) for name, flags in ARMS.items()}
+        warm = mixed_requests(4, 99_000)  # each: model paged in; the reusing ones see the prefix twice and save it
+        for url in servers.values():
+            serve(url, config.model, warm, config.max_tokens)
+        before = len(served_prompts(logs["reuse_lazy_grammar"]))
+        seconds = dict.fromkeys(ARMS, 0.0)
         same = True
         for r in range(rounds):
             requests = mixed_requests(n, 1000 * r)
-            order = ["scratch", "reuse"] if r % 2 == 0 else ["reuse", "scratch"]  # neither always goes first
+            names = list(ARMS)
+            order = names[r % len(names):] + names[:r % len(names)]  # no arm always goes first
             got = {}
             for name in order:
-                elapsed, got[name] = serve(scratch if name == "scratch" else reuse, config.model, requests,
-                                           config.max_tokens)
+                elapsed, got[name] = serve(servers[name], config.model, requests, config.max_tokens)
                 seconds[name] += elapsed
                 print(f"round {r} {name}: {n / elapsed:.3f} requests/s", flush=True)
-            same &= got["scratch"] == got["reuse"]
-        prompts = served_prompts(logs["reuse"])[before:]  # (tokens, restored); the scratch server evaluates all
+            same &= len({tuple(answers) for answers in got.values()}) == 1
+        prompts = served_prompts(logs["reuse_lazy_grammar"])[before:]  # (tokens, restored)
+        checks = grammar_checks(logs["reuse_lazy_grammar"])[before:]  # (tokens sampled, whole-vocabulary checks)
     total = rounds * n
     return {
-        "requests": total, "max_tokens": config.max_tokens,
+        "requests": total, "max_tokens": config.max_tokens, "arms": ARMS,
         "requests_per_s": {k: round(total / v, 3) for k, v in seconds.items()},
-        "speedup": round(seconds["scratch"] / seconds["reuse"], 3), "target_speedup": 2.0,
+        "speedup": round(seconds["scratch"] / seconds["reuse_lazy_grammar"], 3), "target_speedup": 2.0,
+        "speedup_prefix_reuse_alone": round(seconds["scratch"] / seconds["reuse"], 3),
         "prompt_tokens_evaluated_per_request": {
             "scratch": round(sum(t for t, _ in prompts) / len(prompts), 1),
             "reuse": round(sum(t - r for t, r in prompts) / len(prompts), 1)},
+        "tokens_sampled_per_request": round(sum(t for t, _ in checks) / len(checks), 1),
+        "share_of_tokens_checked_against_whole_vocabulary": round(sum(c for _, c in checks) /
+                                                                  max(1, sum(t for t, _ in checks)), 3),
         "identical_answers": same,
     }
 
@@ -157,44 +171,56 @@ class FakeServer:
         self.process.wait()
 
 
-def stage_part(records: int, workdir: Path) -> dict:
+def stage_part(waves: int, repeats: int, workdir: Path) -> dict:
+    """Each concurrency c gets waves * c / 2 records (about 2 requests each): `waves` rounds of c requests, so
+    the one-off start (an actor, c new connections: ~0.5 s for 256 here) weighs the same at every c."""
+    import ray
+
+    started = start_head()
+    ray.init(address="auto", ignore_reinit_error=True, log_to_driver=False)
+    table = stage_input(waves * 256 // 2)
+    runs = {str(c): [] for c in (16, 64, 256)}
+    try:
+        for repeat in range(repeats):  # interleaved: a busy spell of the machine hits every concurrency alike
+            for concurrency in (16, 64, 256):
+                rows = table.slice(0, waves * concurrency // 2)
+                runs[str(concurrency)].append(stage_run(rows, concurrency, workdir))
+                print(f"stage, concurrency {concurrency}, repeat {repeat}: {runs[str(concurrency)][-1]}", flush=True)
+    finally:
+        ray.shutdown()
+        if started:
+            stop_head()
+    return {"latency_s": LATENCY, "waves": waves, "repeats": repeats,
+            "by_concurrency": {c: {**medians(rows, "ratio_to_ideal", "busy_seconds", "wall_seconds"),
+                                   "peak_in_flight": max(r["peak_in_flight"] for r in rows), "runs": rows}
+                               for c, rows in runs.items()},
+            "targets": {"64": 0.9, "256": 0.8}}
+
+
+def stage_run(table: pa.Table, concurrency: int, workdir: Path) -> dict:
+    """One generate stage over `table` on Ray against a fresh fake server; the server's counts."""
     import ray
 
     from pipelines.build_instruct import apply_on_ray
     from pipelines.stages import stage_plan
 
-    started = start_head()
-    ray.init(address="auto", ignore_reinit_error=True, log_to_driver=False)
-    table = stage_input(records)
-    out = {}
-    try:
-        for concurrency in (16, 64, 256):
-            server = FakeServer(LATENCY)
-            cache = workdir / f"cache-{concurrency}"
-            shutil.rmtree(cache, ignore_errors=True)  # an earlier run's answers would be cache hits, not requests
-            config = load_config(CONFIG, ["teacher.kind=openai", f"teacher.base_url={server.base_url}",
-                                          "teacher.model=fake-teacher", f"teacher.concurrency={concurrency}",
-                                          f"teacher.cache_dir={cache}",
-                                          "objects.annotations=[]"])
-            generate = next(s for s in stage_plan(config) if s.name == "generate")
-            start = time.perf_counter()
-            result = pa.concat_tables(ray.get(apply_on_ray(ray.data.from_arrow(table), generate).to_arrow_refs()))
-            wall = time.perf_counter() - start
-            stats = server.stats()
-            server.stop()
-            assert result.num_rows == table.num_rows
-            ideal = stats["requests"] * LATENCY / concurrency
-            out[str(concurrency)] = {"requests": stats["requests"], "peak_in_flight": stats["peak_in_flight"],
-                                     "busy_seconds": round(stats["busy_seconds"], 2), "wall_seconds": round(wall, 2),
-                                     "ideal_seconds": round(ideal, 2),
-                                     "ratio_to_ideal": round(ideal / stats["busy_seconds"], 3)}
-            print(f"stage, concurrency {concurrency}: {out[str(concurrency)]}", flush=True)
-    finally:
-        ray.shutdown()
-        if started:
-            stop_head()
-    return {"latency_s": LATENCY, "records": records, "by_concurrency": out,
-            "targets": {"64": 0.9, "256": 0.8}}
+    server = FakeServer(LATENCY)
+    cache = workdir / f"cache-{concurrency}"
+    shutil.rmtree(cache, ignore_errors=True)  # an earlier run's answers would be cache hits, not requests
+    config = load_config(CONFIG, ["teacher.kind=openai", f"teacher.base_url={server.base_url}",
+                                  "teacher.model=fake-teacher", f"teacher.concurrency={concurrency}",
+                                  f"teacher.cache_dir={cache}", "objects.annotations=[]"])
+    generate = next(s for s in stage_plan(config) if s.name == "generate")
+    start = time.perf_counter()
+    result = pa.concat_tables(ray.get(apply_on_ray(ray.data.from_arrow(table), generate).to_arrow_refs()))
+    wall = time.perf_counter() - start
+    stats = server.stats()
+    server.stop()
+    assert result.num_rows == table.num_rows
+    ideal = stats["requests"] * LATENCY / concurrency
+    return {"records": table.num_rows, "requests": stats["requests"], "peak_in_flight": stats["peak_in_flight"],
+            "busy_seconds": round(stats["busy_seconds"], 2), "wall_seconds": round(wall, 2),
+            "ideal_seconds": round(ideal, 2), "ratio_to_ideal": round(ideal / stats["busy_seconds"], 3)}
 
 
 def client_cpu_part(n: int = 2000, concurrency: int = 64) -> dict:
@@ -221,7 +247,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=8, help="per round, for the embedded teacher")
-    p.add_argument("--records", type=int, default=1200, help="generate stage input rows (about 2 requests each)")
+    p.add_argument("--waves", type=int, default=40, help="generate stage: requests per concurrency c, in units of c")
+    p.add_argument("--stage-repeats", type=int, default=3, help="runs per concurrency; the median is reported")
     p.add_argument("--skip-embedded", action="store_true", help="keep the embedded figures already in --out")
     p.add_argument("--out", type=Path, default=Path("bench/results/teacher.json"))
     args = p.parse_args()
@@ -235,7 +262,7 @@ def main() -> None:
         print(json.dumps(results["embedded"], indent=2), flush=True)
     results["client"] = client_cpu_part()
     print(json.dumps(results["client"]), flush=True)
-    results["generate_stage"] = stage_part(args.records, workdir)
+    results["generate_stage"] = stage_part(args.waves, args.stage_repeats, workdir)
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=2))
     save_results(args.out, results)

@@ -1,6 +1,7 @@
-"""The embedded teacher restores the prompts' shared prefix instead of evaluating it per request
-(pipelines/services/llama_server.py), and an answer still depends on its request alone: the same requests in three
-orders, with other requests in between, get byte-identical answers, the same as from an empty cache."""
+"""The embedded teacher restores the prompts' shared prefix instead of evaluating it per request, and checks the
+JSON grammar against the greedy token before the whole vocabulary (pipelines/services/llama_server.py), and an
+answer still depends on its request alone: the same requests in three orders, with other requests in between,
+get byte-identical answers, the same as llama-cpp-python's own server (empty cache, full grammar checks)."""
 from __future__ import annotations
 
 import random
@@ -10,7 +11,7 @@ import openai
 from generators.teacher_types import TEACHER_TYPES
 from generators.prompts import rephrase_messages, rephrasings_model, task_messages
 from generators.teacher import response_format
-from pipelines.services.embedded_teacher import EmbeddedTeacher, served_prompts
+from pipelines.services.embedded_teacher import EmbeddedTeacher, grammar_checks, served_prompts
 from schemas.config import load_config
 from schemas.records import ObjectAnnotation
 from tests.conftest import REPO
@@ -57,7 +58,7 @@ def test_shared_prefix_is_restored_and_answers_do_not_depend_on_order(tmp_path):
     config = load_config(REPO / "configs" / "sample.yaml").teacher
     forward = list(range(len(FIXED)))
     shuffled = random.Random(5).sample(forward, len(forward))
-    with EmbeddedTeacher(config, log_path=tmp_path / "scratch.log", prefix_reuse=False) as base_url:
+    with EmbeddedTeacher(config, log_path=tmp_path / "scratch.log", prefix_reuse=False, lazy_grammar=False) as base_url:
         scratch = answers(base_url, config, forward, fillers=False)
     with EmbeddedTeacher(config, log_path=tmp_path / "reuse.log") as base_url:
         runs = [answers(base_url, config, order, fillers) for order, fillers in
@@ -69,3 +70,7 @@ def test_shared_prefix_is_restored_and_answers_do_not_depend_on_order(tmp_path):
     assert served_prompts(tmp_path / "scratch.log") == []  # that server evaluated every prompt whole
     assert len(restored) >= 3 * len(FIXED) and restored[:2] == [0, 0]  # the prefix is saved once seen twice
     assert sum(r >= 512 for r in restored) >= len(restored) - 2  # then every prompt restores 512 tokens
+    checks = grammar_checks(tmp_path / "reuse.log")
+    assert grammar_checks(tmp_path / "scratch.log") == [] and len(checks) == len(restored)
+    sampled, full = sum(s for s, _ in checks), sum(c for _, c in checks)
+    assert 0 < full < sampled / 4  # the grammar did reject greedy tokens (and the answers still match), but rarely

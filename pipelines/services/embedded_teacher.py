@@ -22,7 +22,8 @@ from schemas.config import TeacherConfig
 from schemas.errors import UserError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPT_LINE = "prompt: "  # how pipelines/services/llama_server.py's per-request log line starts
+PROMPT_LINE = "prompt: "  # how pipelines/services/llama_server.py's per-request log lines start
+GRAMMAR_LINE = "grammar: "
 
 
 def smollm2_gguf() -> Path:
@@ -37,15 +38,26 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def logged_pairs(log: Path, line_start: str, middle: str) -> list[tuple[int, int]]:
+    """The two numbers of each `<line_start><a><middle><b> ...` line in a server log."""
+    rows = []
+    for line in log.read_text().splitlines():
+        if line.startswith(line_start):
+            first, second = line[len(line_start):].split(middle)
+            rows.append((int(first), int(second.split()[0])))
+    return rows
+
+
 def served_prompts(log: Path) -> list[tuple[int, int]]:
     """(prompt tokens, tokens restored from a shared prefix) per request the server took, from its log; only a
     server with prefix reuse writes these lines (pipelines/services/llama_server.py)."""
-    rows = []
-    for line in log.read_text().splitlines():
-        if line.startswith(PROMPT_LINE):
-            tokens, restored = line[len(PROMPT_LINE):].split(" tokens, ")
-            rows.append((int(tokens), int(restored.split()[0])))
-    return rows
+    return logged_pairs(log, PROMPT_LINE, " tokens, ")
+
+
+def grammar_checks(log: Path) -> list[tuple[int, int]]:
+    """(tokens sampled, tokens checked against the whole vocabulary) per grammar-constrained request, from the log
+    of a server with lazy grammar checks (pipelines/services/llama_server.py)."""
+    return logged_pairs(log, GRAMMAR_LINE, " tokens sampled, ")
 
 
 def free_port() -> int:
@@ -58,9 +70,12 @@ class EmbeddedTeacher:
     """Starts the server, waits until `/v1/models` answers, and stops it on exit (also after an error)."""
 
     def __init__(self, config: TeacherConfig, log_path: Path | None = None, wait_seconds: float = 120,
-                 prefix_reuse: bool = True):
-        """`prefix_reuse=False` evaluates every prompt from scratch (the benchmark's and the tests' reference)."""
-        self.config, self.log_path, self.wait_seconds, self.prefix_reuse = config, log_path, wait_seconds, prefix_reuse
+                 prefix_reuse: bool = True, lazy_grammar: bool = True):
+        """`prefix_reuse=False` evaluates every prompt from scratch, `lazy_grammar=False` checks the grammar over
+        the whole vocabulary per token: both False is llama-cpp-python's own server, the benchmark's and the
+        tests' reference (pipelines/services/llama_server.py)."""
+        self.config, self.log_path, self.wait_seconds = config, log_path, wait_seconds
+        self.prefix_reuse, self.lazy_grammar = prefix_reuse, lazy_grammar
         self.port = config.port or free_port()
         self.process: subprocess.Popen | None = None
 
@@ -79,7 +94,7 @@ class EmbeddedTeacher:
         return [sys.executable, "-m", "pipelines.services.llama_server", "--model", str(smollm2_gguf()), "--model_alias",
                 self.config.model, "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
                 "--n_threads", str(self.config.threads), "--n_threads_batch", str(self.config.threads),
-                "--prefix_reuse", str(self.prefix_reuse).lower()]
+                "--prefix_reuse", str(self.prefix_reuse).lower(), "--lazy_grammar", str(self.lazy_grammar).lower()]
 
     def healthy(self) -> bool:
         try:

@@ -18,8 +18,8 @@ chunks after it are the same chunks, so the answer is the one from an empty cach
 checks, in several orders). `--prefix_reuse false` evaluates every prompt from scratch.
 
 Greedy sampling under a JSON grammar, checked lazily (as llama.cpp's own `common_sampler` does): llama-cpp-python
-runs the grammar over all 49,152 vocabulary entries for every generated token (about 13 ms of a 20 ms token
-here). At temperature 0 the answer is the first maximum of the penalized logits among the tokens the grammar
+runs the grammar over all 49,152 vocabulary entries for every generated token (measured here: 3.8 ms a token,
+against 9.4 ms for the decode itself). At temperature 0 the answer is the first maximum of the penalized logits among the tokens the grammar
 allows, so this launcher takes the first maximum among all tokens and asks the grammar about that one token;
 only when the grammar rejects it is the whole vocabulary checked. Either way the token is the one the full
 check would pick, so answers are unchanged (the test compares with `--lazy_grammar false`).

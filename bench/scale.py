@@ -172,7 +172,8 @@ def run_size(folder: Path, n: int, teacher: FakeServer, scratch: Path) -> dict:
     sampler.stop.set()
     sampler.join()
     if job.returncode:
-        raise SystemExit(f"the job at {n} images failed ({job.returncode}); see {out / 'job.log'}")
+        tail = (out / "job.log").read_text(errors="replace")[-3000:]  # the scratch folder goes with the exit
+        raise SystemExit(f"the job at {n} images failed ({job.returncode}); the end of its log:\n{tail}")
     marks, steps, last = [seen.get(step) for step, _ in STEPS], {}, 0.0
     for (step, _), mark in zip(STEPS, marks):
         if mark is not None:

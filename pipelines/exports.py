@@ -20,15 +20,20 @@ makes no pair; the card counts them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from schemas.records import IMAGE_TOKEN
 
 EXPORTS = ("trl_sft", "trl_dpo", "llamafactory")
 ROLE = {"human": "user", "gpt": "assistant"}
+SHARD_BYTES = 100 * 2**20
 
 
 def _text_part(text: str) -> dict:
@@ -108,15 +113,37 @@ def _features(kind: str):
                               "prompt": [message], "chosen": [message], "rejected": [message]})
 
 
-def _save(rows_by_split: dict[str, list[dict]], kind: str, out: Path) -> None:
+def save_splits(rows_by_split: dict[str, list[dict]], features, out: Path, fill: Callable[[dict], dict]) -> None:
+    """`out` as a DatasetDict (save_to_disk). Each split goes through datasets' generator path: a row gets its
+    image bytes from `fill` (read from llava/images) just before it is written, and the writer flushes to its
+    cache file a batch at a time, so no split ever holds all its images in memory. The cache is a scratch
+    folder beside `out`, removed after; the fingerprint is the split's ids, so the same rows give the same
+    files."""
     import datasets
 
-    features = _features(kind)
-    splits = {split: datasets.Dataset.from_dict({name: [r[name] for r in rows] for name in features}, features=features)
-              for split, rows in rows_by_split.items()}
     shutil.rmtree(out, ignore_errors=True)
-    empty = {split: 1 for split, rows in rows_by_split.items() if not rows}  # load_from_disk needs a shard
-    datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=empty)
+    splits = {}
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-build-") as cache:
+        for split, rows in rows_by_split.items():
+            if not rows:  # the generator path cannot build an empty split
+                splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+                continue
+            ids = json.dumps([out.name, split, [r["id"] for r in rows]]).encode()
+            splits[split] = datasets.Dataset.from_generator(
+                _filled, features=features, cache_dir=cache, split=split,
+                fingerprint=hashlib.sha256(ids).hexdigest()[:16],
+                gen_kwargs={"rows": rows, "fill": fill, "names": tuple(features)})  # one list: rows
+        # save_to_disk holds about a shard's worth of memory while it writes one: shards of SHARD_BYTES, not
+        # datasets' default 500 MB, keep that small whatever the split's size (bench/publish.py); an empty
+        # split still gets one shard, which load_from_disk needs.
+        shards = {split: max(1, math.ceil(ds.data.nbytes / SHARD_BYTES)) for split, ds in splits.items()}
+        datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=shards)
+
+
+def _filled(rows: list[dict], fill: Callable[[dict], dict], names: tuple[str, ...]):
+    for row in rows:
+        row = fill(row)
+        yield {name: row[name] for name in names}
 
 
 def llamafactory_entry(split: str) -> dict:
@@ -126,23 +153,25 @@ def llamafactory_entry(split: str) -> dict:
 
 
 def write_exports(run_dir: Path, rows_by_split: dict[str, list[dict]], image_paths: dict[str, str],
-                  extras: dict[str, dict]) -> dict:
+                  extras: dict[str, dict], image: Callable[[str], dict]) -> dict:
     """Writes the three exports; `image_paths`: uid -> the image's path under llava/, `extras`: uid -> {probes,
-    rejected_turns} of its record. Returns rows per export and split, and pairs per source."""
-    sft = {split: [{"id": r["id"], "images": [r["image"]], "messages": sft_messages(r["conversations"]),
-                    "type": r["type"]} for r in rows] for split, rows in rows_by_split.items()}
+    rejected_turns} of its record, `image`: uid -> the HF image value (read when its row is written). Returns
+    rows per export and split, and pairs per source."""
+    sft = {split: [{"id": r["id"], "uid": r["uid"], "messages": sft_messages(r["conversations"]), "type": r["type"]}
+                   for r in rows] for split, rows in rows_by_split.items()}
     dpo, sources, unpaired = {}, Counter(), 0
     for split, rows in rows_by_split.items():
         dpo[split] = []
         for r in rows:
             extra = extras.get(r["uid"], {})
             for p in dpo_pairs(r, json.loads(extra.get("probes") or "[]"), json.loads(extra.get("rejected_turns") or "[]")):
-                dpo[split].append({**p, "images": [r["image"]]})
+                dpo[split].append(p)
                 sources[p["source"]] += 1
     for extra in extras.values():
         unpaired += sum(t["type"] != "negatives" for t in json.loads(extra.get("rejected_turns") or "[]"))
-    _save(sft, "trl_sft", run_dir / "trl_sft")
-    _save(dpo, "trl_dpo", run_dir / "trl_dpo")
+    with_image = lambda row: {**row, "images": [image(row["uid"])]}  # noqa: E731
+    save_splits(sft, _features("trl_sft"), run_dir / "trl_sft", with_image)
+    save_splits(dpo, _features("trl_dpo"), run_dir / "trl_dpo", with_image)
 
     folder = run_dir / "llamafactory"
     shutil.rmtree(folder, ignore_errors=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from evals.noise_eval import read_rows
-from pipelines.exports import write_exports
+from pipelines.exports import save_splits, write_exports
 from schemas.errors import UserError
 from schemas.records import PublishedRow, stored_type
 
@@ -79,20 +79,26 @@ def image_extension(data: bytes) -> str:
         return (image.format or "bin").lower()
 
 
-def instruction_rows(records_dir: Path) -> list[dict]:
-    """One row per LLaVA record of every kept image, sorted by id; images with no record are left out."""
+def record_files(records_dir: Path) -> list[Path]:
+    """The record shards, checked to hold what publishing reads."""
     files = sorted(records_dir.glob("*.parquet")) if records_dir.exists() else []
     if not files:
         raise UserError(f"{records_dir} holds no record files; publish a finished run's directory.")
     missing = [c for c in RECORD_COLUMNS if c not in pq.read_schema(files[0]).names]
     if missing:
         raise UserError(f"{records_dir} has no {', '.join(missing)} column; run the generate stage before publishing.")
+    return files
+
+
+def instruction_rows(records_dir: Path) -> list[dict]:
+    """One row per LLaVA record of every kept image, sorted by id, without the image bytes (written to
+    llava/images by `write_images` and read back per row); images with no record are left out."""
+    record_files(records_dir)
     rows = []
-    for record in read_rows(records_dir, RECORD_COLUMNS):
+    for record in read_rows(records_dir, [c for c in RECORD_COLUMNS if c != "image"]):
         for llava in json.loads(record["instructions"] or "[]"):
             rows.append({
                 "id": llava["id"],
-                "image": {"bytes": record["image"], "path": None},
                 "conversations": [{"from": t["from"], "value": t["value"]} for t in llava["conversations"]],
                 "type": llava["type"],
                 "uid": record["uid"],
@@ -108,52 +114,53 @@ def instruction_rows(records_dir: Path) -> list[dict]:
     return rows
 
 
-def write_hf(rows_by_split: dict[str, list[dict]], out: Path) -> None:
-    import datasets
-
-    features = hf_features()
-    splits = {split: datasets.Dataset.from_dict({name: [r[name] for r in rows] for name in features}, features=features)
-              for split, rows in rows_by_split.items()}
-    shutil.rmtree(out, ignore_errors=True)
-    # An empty split gets zero shards by default, which load_from_disk cannot read back: give it one.
-    empty = {split: 1 for split, rows in rows_by_split.items() if not rows}
-    datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=empty)
-
-
-def write_llava(rows_by_split: dict[str, list[dict]], out: Path) -> dict[str, str]:
-    """Writes llava/; returns uid -> the image's path under it."""
+def write_images(records_dir: Path, uids: set[str], out: Path) -> dict[str, str]:
+    """Each published image written once to `out/images/<uid>.<ext>`, streamed from the record shards (parquet
+    decodes one row group at a time: never every image in memory); returns uid -> its path under `out`."""
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     names: dict[str, str] = {}
-    for split, rows in rows_by_split.items():
-        entries = []
-        for row in rows:
-            if row["uid"] not in names:  # each image written once, however many records use it
-                data = row["image"]["bytes"]
-                names[row["uid"]] = f"images/{row['uid']}.{image_extension(data)}"
-                (out / names[row["uid"]]).write_bytes(data)
-            entries.append({"id": row["id"], "image": names[row["uid"]], "conversations": row["conversations"],
-                            "provenance": row["provenance"]})  # extra keys are ignored by LLaVA's loader
-        (out / f"{split}.json").write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+    for path in record_files(records_dir):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=["uid", "image"]):
+            for uid, image in zip(batch.column("uid").to_pylist(), batch.column("image")):
+                if uid in uids and uid not in names:
+                    data = image.as_py()
+                    names[uid] = f"images/{uid}.{image_extension(data)}"
+                    (out / names[uid]).write_bytes(data)
     return names
 
 
+def write_llava(rows_by_split: dict[str, list[dict]], out: Path, names: dict[str, str]) -> None:
+    """llava/{split}.json next to the images `write_images` put there."""
+    for split, rows in rows_by_split.items():
+        entries = [{"id": row["id"], "image": names[row["uid"]], "conversations": row["conversations"],
+                    "provenance": row["provenance"]} for row in rows]  # extra keys are ignored by LLaVA's loader
+        (out / f"{split}.json").write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+
+
 def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int = 0) -> dict:
-    """Writes `run_dir/hf` and `run_dir/llava` from `run_dir/records`; returns records and images per split
-    and records per type."""
+    """Writes `run_dir/llava`, `run_dir/hf` and the exports from `run_dir/records`; returns records and images
+    per split and records per type. Images go from the record shards to llava/images in one streamed pass;
+    every dataset then reads each image from there as its row is written."""
     run_dir = Path(run_dir)
     rows = instruction_rows(run_dir / "records")
     rows_by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for row in rows:
         rows_by_split[split_of(row["uid"], seed, validation_fraction)].append(row)
-    write_hf(rows_by_split, run_dir / "hf")
-    image_paths = write_llava(rows_by_split, run_dir / "llava")
+    llava = run_dir / "llava"
+    image_paths = write_images(run_dir / "records", {r["uid"] for r in rows}, llava)
+    write_llava(rows_by_split, llava, image_paths)
+
+    def image(uid: str) -> dict:
+        return {"bytes": (llava / image_paths[uid]).read_bytes(), "path": None}
+
+    save_splits(rows_by_split, hf_features(), run_dir / "hf", lambda row: {**row, "image": image(row["uid"])})
     counts: dict = {split: {"records": len(r), "images": len({x["uid"] for x in r})} for split, r in rows_by_split.items()}
     counts["by_type"] = dict(sorted(Counter(r["type"] for r in rows).items()))
-    names = pq.read_schema(sorted((run_dir / "records").glob("*.parquet"))[0]).names
+    names = pq.read_schema(record_files(run_dir / "records")[0]).names
     extras = {r["uid"]: r for r in read_rows(run_dir / "records", ["uid"] + [c for c in ("probes", "rejected_turns")
                                                                           if c in names])}
-    counts["exports"] = write_exports(run_dir, rows_by_split, image_paths, extras)
+    counts["exports"] = write_exports(run_dir, rows_by_split, image_paths, extras, image)
     return counts
 
 

@@ -147,6 +147,32 @@ def test_republish_is_byte_identical(tmp_path, published):
         assert (first / f).read_bytes() == (other / f).read_bytes(), f
 
 
+def test_a_split_larger_than_a_shard_is_written_in_shards_with_each_rows_own_image(tmp_path, monkeypatch):
+    """Publishing writes datasets in bounded shards (bench/publish.py measures the memory that saves): with the
+    shard size made smaller than one split, the split spans several files and still loads in id order, every
+    row with its own record's image bytes, and the same files come out however the records were cut."""
+    import datasets
+
+    from pipelines import exports
+
+    monkeypatch.setattr(exports, "SHARD_BYTES", 4_000)
+    run_dir = write_run(tmp_path / "run", records())
+    publish_dataset(run_dir, validation_fraction=0.0)
+    assert len(list((run_dir / "hf" / "train").glob("*.arrow"))) > 2
+    assert len(list((run_dir / "trl_sft" / "train").glob("*.arrow"))) > 2
+    train = datasets.load_from_disk(str(run_dir / "hf"))["train"].cast_column("image", datasets.Image(decode=False))
+    originals = {r["uid"]: r["image"] for r in records()}
+    assert train["id"] == sorted(train["id"]) and len(train) == 30
+    assert all(row["image"]["bytes"] == originals[row["uid"]] for row in train)
+    sft = datasets.load_from_disk(str(run_dir / "trl_sft"))["train"].cast_column(
+        "images", datasets.Sequence(datasets.Image(decode=False)))
+    assert [row["images"][0]["bytes"] for row in sft] == [row["image"]["bytes"] for row in train]
+    other = write_run(tmp_path / "again", list(reversed(records())), shards=3)
+    publish_dataset(other, validation_fraction=0.0)
+    for f in sorted(p.relative_to(run_dir) for p in (run_dir / "hf").rglob("*") if p.is_file()):
+        assert (run_dir / f).read_bytes() == (other / f).read_bytes(), f
+
+
 def test_empty_validation_split_still_loads(tmp_path):
     import datasets
 

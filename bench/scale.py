@@ -16,7 +16,7 @@ before it): `start + crawl` (the job's imports, checks, Ray and img2dataset find
 `to dedup` (read shards, validate, both CLIP halves, the threshold, dedup's fit), `to probes`
 (dedup's apply, objects, the probes fit), `stages after` (probes' apply, generate, verify) and `write + publish`.
 RSS is sampled every 0.25 s: the driver (the job's own process) and every Ray worker (`ray::` processes),
-the peak of each and of the workers' sum.
+the peak of each and of the workers' sum, and the driver's peak within each step.
 
 Targets: total seconds at the largest size <= 1.2 x linear from the smallest (100k <= 12 x 10k), and the
 driver's peak RSS at the largest size <= 1.5 x its peak at the smallest once the dedup embedding matrix
@@ -122,11 +122,14 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.driver, self.stop = psutil.Process(pid), threading.Event()
         self.peak = {"driver": 0, "worker": 0, "workers_sum": 0}
+        self.step, self.driver_by_step = STEPS[0][0], {}  # the step the job is in (set by the reader of its lines)
 
     def run(self) -> None:
         while not self.stop.wait(0.25):
             try:
-                self.peak["driver"] = max(self.peak["driver"], self.driver.memory_info().rss)
+                rss = self.driver.memory_info().rss
+                self.peak["driver"] = max(self.peak["driver"], rss)
+                self.driver_by_step[self.step] = max(self.driver_by_step.get(self.step, 0), rss)
             except psutil.Error:
                 return
             workers = []
@@ -167,6 +170,8 @@ def run_size(folder: Path, n: int, teacher: FakeServer, scratch: Path) -> dict:
         for step, prefix in STEPS:
             if prefix in line and step not in seen:
                 seen[step] = time.perf_counter() - started
+                later = [name for name, _ in STEPS if name not in seen]
+                sampler.step = later[0] if later else "after publish"
     job.wait()
     total = time.perf_counter() - started
     sampler.stop.set()
@@ -182,6 +187,7 @@ def run_size(folder: Path, n: int, teacher: FakeServer, scratch: Path) -> dict:
     gib = 2 ** 30
     return {"images": n, "shards": shards, "seconds": round(total, 1), "seconds_by_step": steps,
             "driver_peak_rss_gib": round(sampler.peak["driver"] / gib, 3),
+            "driver_peak_rss_gib_by_step": {step: round(rss / gib, 3) for step, rss in sampler.driver_by_step.items()},
             "dedup_matrix_gib": round(matrix / gib, 3),
             "driver_peak_without_matrix_gib": round((sampler.peak["driver"] - matrix) / gib, 3),
             "worker_peak_rss_gib": round(sampler.peak["worker"] / gib, 3),

@@ -122,7 +122,7 @@ class Sampler(threading.Thread):
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.driver, self.stop = psutil.Process(pid), threading.Event()
-        self.peak = {"driver": 0, "worker": 0, "workers_sum": 0}
+        self.peak = {"driver": 0, "driver_anonymous": 0, "worker": 0, "workers_sum": 0}
         self.step, self.driver_by_step = STEPS[0][0], {}  # the step the job is in (set by the reader of its lines)
 
     def run(self) -> None:
@@ -130,7 +130,7 @@ class Sampler(threading.Thread):
             try:
                 rss = self.driver.memory_info().rss
                 self.peak["driver"] = max(self.peak["driver"], rss)
-                self.peak["driver_anonymous"] = max(self.peak.get("driver_anonymous", 0), anonymous_rss(self.driver.pid))
+                self.peak["driver_anonymous"] = max(self.peak["driver_anonymous"], anonymous_rss(self.driver.pid))
                 self.driver_by_step[self.step] = max(self.driver_by_step.get(self.step, 0), rss)
             except (psutil.Error, OSError):
                 return

@@ -92,8 +92,8 @@ def record_files(records_dir: Path) -> list[Path]:
 
 def instruction_rows(records_dir: Path) -> list[dict]:
     """One row per LLaVA record of every kept image, sorted by id, without the image bytes (written to
-    llava/images by `write_images` and read back per row); images with no record are left out."""
-    record_files(records_dir)
+    llava/images by `write_images` and read back per row); images with no record are left out. The caller
+    checks the shards first (`record_files`)."""
     rows = []
     for record in read_rows(records_dir, [c for c in RECORD_COLUMNS if c != "image"]):
         for llava in json.loads(record["instructions"] or "[]"):
@@ -114,13 +114,13 @@ def instruction_rows(records_dir: Path) -> list[dict]:
     return rows
 
 
-def write_images(records_dir: Path, uids: set[str], out: Path) -> dict[str, str]:
-    """Each published image written once to `out/images/<uid>.<ext>`, streamed from the record shards (parquet
+def write_images(files: list[Path], uids: set[str], out: Path) -> dict[str, str]:
+    """Each published image written once to `out/images/<uid>.<ext>`, streamed from the record `files` (parquet
     decodes one row group at a time: never every image in memory); returns uid -> its path under `out`."""
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     names: dict[str, str] = {}
-    for path in record_files(records_dir):
+    for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=["uid", "image"]):
             for uid, image in zip(batch.column("uid").to_pylist(), batch.column("image")):
                 if uid in uids and uid not in names:
@@ -143,12 +143,13 @@ def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int 
     per split and records per type. Images go from the record shards to llava/images in one streamed pass;
     every dataset then reads each image from there as its row is written."""
     run_dir = Path(run_dir)
+    files = record_files(run_dir / "records")
     rows = instruction_rows(run_dir / "records")
     rows_by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for row in rows:
         rows_by_split[split_of(row["uid"], seed, validation_fraction)].append(row)
     llava = run_dir / "llava"
-    image_paths = write_images(run_dir / "records", {r["uid"] for r in rows}, llava)
+    image_paths = write_images(files, {r["uid"] for r in rows}, llava)
     write_llava(rows_by_split, llava, image_paths)
 
     def image(uid: str) -> dict:
@@ -157,7 +158,7 @@ def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int 
     save_splits(rows_by_split, hf_features(), run_dir / "hf", lambda row: {**row, "image": image(row["uid"])})
     counts: dict = {split: {"records": len(r), "images": len({x["uid"] for x in r})} for split, r in rows_by_split.items()}
     counts["by_type"] = dict(sorted(Counter(r["type"] for r in rows).items()))
-    names = pq.read_schema(record_files(run_dir / "records")[0]).names
+    names = pq.read_schema(files[0]).names
     extras = {r["uid"]: r for r in read_rows(run_dir / "records", ["uid"] + [c for c in ("probes", "rejected_turns")
                                                                           if c in names])}
     counts["exports"] = write_exports(run_dir, rows_by_split, image_paths, extras, image)

@@ -47,15 +47,19 @@ DROPPED_SCHEMA = RECORD_SCHEMA.remove(RECORD_SCHEMA.get_field_index("image"))
 def binary_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The bytes of a binary column's values, end to end, as one uint8 array (no copy for one chunk)."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]  # [N + 1]
+    offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    offsets = np.frombuffer(column.buffers()[1], offset_type)[column.offset:column.offset + len(column) + 1]  # [N + 1]
     return np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
 
 
 def binary_column(rows: np.ndarray) -> pa.Array:
-    """[N, ...] array -> binary column whose row i is rows[i]'s bytes."""
+    """[N, ...] array -> binary column whose row i is rows[i]'s bytes, over rows' own memory (large_binary past
+    the 2 GiB that 32-bit offsets reach)."""
     n, width = len(rows), rows[0].nbytes if len(rows) else 0
-    offsets = np.arange(n + 1, dtype=np.int32) * width
-    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))])
+    large = n * width >= 2**31
+    offsets = np.arange(n + 1, dtype=np.int64 if large else np.int32) * width
+    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), n,
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))])
 
 
 def score_columns(scorer: ClipScorer, batch: pa.Table) -> pa.Table | None:
@@ -147,11 +151,16 @@ def built_once(key: str, factory: Callable[[], Any]) -> Any:
 
 class StageBatches:
     """A picklable batch function around one stage: rows in, rows out (Ray `map_batches`, Beam `DoFn`). Every
-    copy of one StageBatches (all the tasks and DoFn instances of a run's stage) shares one stage per process."""
+    copy of one StageBatches (all the tasks and DoFn instances of a run's stage) shares one stage per process.
 
-    def __init__(self, name: str, factory: Callable[[], Stage]):
+    The engines hand it a shard's rows (or a piece of them) whole; it cuts them into the stage's batches itself,
+    from the first row, so what a model sees together is the same in every run: a resumed run, which runs only
+    some shards, scores each row in the same batch, to the last bit, as an uninterrupted one."""
+
+    def __init__(self, name: str, factory: Callable[[], Stage], batch_size: int | None = None):
         self.name = name
         self.factory = factory
+        self.batch_size = batch_size  # None: the rows as given, in one batch
         self.key = f"{name}:{uuid.uuid4().hex}"  # the same in every pickled copy of this instance
         self.stage: Stage | None = None
         self._setup_lock = threading.Lock()  # an actor running batches in threads builds its stage once
@@ -167,12 +176,19 @@ class StageBatches:
             if self.stage is None:
                 self.stage = built_once(self.key, self.factory)
 
-    def run(self, rows: list[dict]) -> list[ImageRecord]:
-        self.setup()
-        return apply_stage(self.stage, rows_to_records(rows))
+    def _cuts(self, n: int) -> list[tuple[int, int]]:
+        size = self.batch_size or max(n, 1)
+        return [(start, min(start + size, n)) for start in range(0, n, size)] or [(0, 0)]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:  # Ray Data, batch_format="pyarrow"
+    def apply(self, records: list[ImageRecord]) -> list[ImageRecord]:
         self.setup()
+        return [r for start, end in self._cuts(len(records)) for r in apply_stage(self.stage, records[start:end])]
+
+    def __call__(self, block: pa.Table) -> pa.Table:  # Ray Data, batch_format="pyarrow"
+        self.setup()
+        return pa.concat_tables([self._table(block.slice(start, end - start)) for start, end in self._cuts(block.num_rows)])
+
+    def _table(self, batch: pa.Table) -> pa.Table:
         if isinstance(self.stage, ClipScorer) and (table := score_columns(self.stage, batch)) is not None:
             return table
-        return records_to_table(self.run(batch.to_pylist()))
+        return records_to_table(apply_stage(self.stage, rows_to_records(batch.to_pylist())))

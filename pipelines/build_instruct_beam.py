@@ -4,8 +4,9 @@
     python pipelines/build_instruct_beam.py --config configs/sample.yaml --shards-from outputs/sample/<version>/shards
     python pipelines/build_instruct_beam.py --config my.yaml -- --runner DataflowRunner --project P --region R ...
 
-Without `--shards-from` it crawls with img2dataset's multiprocessing distributor first.
-Outputs are laid out exactly as the Ray job's.
+Without `--shards-from` it crawls with img2dataset's multiprocessing distributor first. Each segment of the
+stage plan (`pipelines/segments.py`) is one Beam pipeline, whose global fit the launcher reads from the files the
+segment before wrote; a killed run re-run resumes at the shards not done. Outputs are laid out exactly as the Ray job's.
 """
 from __future__ import annotations
 
@@ -15,93 +16,37 @@ from functools import partial
 from pathlib import Path
 
 import apache_beam as beam
-import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` without an install
 
 from pipelines.cli import parse_config, parser  # noqa: E402
-from pipelines.crawl import crawl, crawl_passes, read_shard  # noqa: E402
+from pipelines.crawl import crawl, crawl_passes  # noqa: E402
 from pipelines.run import RunDirectory, run_version  # noqa: E402
-from pipelines.batches import DROPPED_SCHEMA, RECORD_SCHEMA, StageBatches  # noqa: E402
-from pipelines.stages import GlobalStage, MapStage, stage_plan  # noqa: E402
-from pipelines.url_list import shard_count_for  # noqa: E402
+from pipelines.batches import StageBatches, records_to_table, rows_to_records  # noqa: E402
+from pipelines.segments import ShardRows, ShardSource, Tally, run_segments  # noqa: E402
+from pipelines.stages import MapStage, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
 from schemas.errors import UserError, exit_on_user_error  # noqa: E402
-from schemas.records import KEEP  # noqa: E402
 
 
-class StageDoFn(beam.DoFn):
-    """One stage over batches of rows; setup() builds it (and loads its model) once per worker."""
+class SegmentDoFn(beam.DoFn):
+    """One segment over one shard at a time: the shard's rows through each stage, a batch at a time, then
+    written to the shard's files, so a shard is done (and a killed run keeps it) as soon as its rows are.
+    setup() builds every stage (and loads its model) once per worker; shards run side by side on workers."""
 
-    def __init__(self, batches: StageBatches):
-        self.batches = batches
+    def __init__(self, stages: list[MapStage], source: ShardSource, out: ShardRows):
+        self.stages = [StageBatches(stage.name, stage.factory, stage.batch_size) for stage in stages]
+        self.source, self.out = source, out
 
     def setup(self):
-        self.batches.setup()
+        for batches in self.stages:
+            batches.setup()
 
-    def process(self, rows):
-        for record in self.batches.run(rows):
-            yield record.model_dump()
-
-
-class FittedStageDoFn(beam.DoFn):
-    """The apply half of a global stage; the fit arrives as a side input."""
-
-    def __init__(self, stage: GlobalStage):
-        self.stage, self.batches = stage, None
-
-    def process(self, rows, fitted):
-        if self.batches is None:
-            self.batches = StageBatches(self.stage.name, partial(self.stage.apply, fitted))
-        for record in self.batches.run(rows):
-            yield record.model_dump()
-
-
-class ColumnsCombineFn(beam.CombineFn):
-    """A global stage's fit columns of every live row, combined into one Arrow table: each worker turns its rows
-    into record batches of `chunk` rows as they come (no list of Python dicts for the whole dataset), partial
-    results merge by concatenation, and the fit reads the columns as arrays. An empty input gives an empty
-    table of the right types."""
-
-    def __init__(self, columns: list[str], chunk: int = 4096):
-        self.schema = pa.schema([RECORD_SCHEMA.field(c) for c in columns])
-        self.chunk = chunk
-
-    def create_accumulator(self) -> tuple[list[dict], list[pa.RecordBatch]]:
-        return [], []
-
-    def add_input(self, accumulator, row: dict):
-        pending, batches = accumulator
-        pending.append({name: row[name] for name in self.schema.names})
-        if len(pending) >= self.chunk:
-            return self.compact(accumulator)
-        return accumulator
-
-    def compact(self, accumulator):
-        pending, batches = accumulator
-        if pending:
-            batches = [*batches, pa.RecordBatch.from_pylist(pending, self.schema)]
-        return [], batches
-
-    def merge_accumulators(self, accumulators):
-        return [], [batch for accumulator in accumulators for batch in self.compact(accumulator)[1]]
-
-    def extract_output(self, accumulator) -> pa.Table:
-        return pa.Table.from_batches(self.compact(accumulator)[1], self.schema)
-
-
-def apply_on_beam(rows, stage: MapStage | GlobalStage):
-    size = stage.batch_size
-    batched = rows | f"Batch {stage.name}" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-    if isinstance(stage, MapStage):
-        return batched | f"Stage {stage.name}" >> beam.ParDo(StageDoFn(StageBatches(stage.name, stage.factory)))
-    fitted = (  # the global half: one combine of the live rows' columns into an Arrow table, then a side input
-        rows
-        | f"Live {stage.name}" >> beam.Filter(lambda r: r["status"] == KEEP)
-        | f"Columns {stage.name}" >> beam.CombineGlobally(ColumnsCombineFn(stage.columns))
-        | f"Fit {stage.name}" >> beam.Map(stage.fit)
-    )
-    return batched | f"Apply {stage.name}" >> beam.ParDo(FittedStageDoFn(stage), beam.pvalue.AsSingleton(fitted))
+    def process(self, shard: int):
+        records = rows_to_records(self.source.read(shard).to_pylist())
+        for batches in self.stages:
+            records = batches.apply(records)
+        yield self.out.write(records_to_table(records)).num_rows
 
 
 def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None = None) -> dict:
@@ -109,8 +54,6 @@ def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None =
 
 
 def _run(run_dir: RunDirectory, beam_args: list[str], shards_from: Path | None) -> dict:
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     config = run_dir.config
     start = time.perf_counter()
     num_rows = run_dir.prepare(probe_hosts=shards_from is None)  # reused shards need no host
@@ -124,24 +67,21 @@ def _run(run_dir: RunDirectory, beam_args: list[str], shards_from: Path | None) 
 
     if not any(a.startswith("--runner") for a in beam_args):
         beam_args = ["--runner", "DirectRunner", *beam_args]  # Prism, Beam's new default, downloads a binary
-    url_list, records_dir, dropped_dir = run_dir.url_list, run_dir.work / "records", run_dir.work / "dropped"
-    with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
-        rows = (
-            pipeline
-            | "Shards" >> beam.Create(list(range(shard_count_for(num_rows, config.crawl.shard_size))))
-            | "ReadShard" >> beam.FlatMap(lambda i: [r.model_dump() for r in read_shard(shards, i, url_list)])
-        )
-        for stage in stage_plan(config):
-            rows = apply_on_beam(rows, stage)
-        _ = (rows | "Kept" >> beam.Filter(lambda r: r["status"] == KEEP)
-             | "WriteRecords" >> beam.io.WriteToParquet(str(records_dir / "part"), RECORD_SCHEMA, file_name_suffix=".parquet"))
-        _ = (rows | "Dropped" >> beam.Filter(lambda r: r["status"] != KEEP)
-             | "WithoutImage" >> beam.Map(lambda r: {k: r[k] for k in DROPPED_SCHEMA.names})
-             | "WriteDropped" >> beam.io.WriteToParquet(str(dropped_dir / "part"), DROPPED_SCHEMA, file_name_suffix=".parquet"))
-
+    ran = run_segments(run_dir.work, shards, run_dir.url_list, stage_plan(config), partial(execute, beam_args))
     # The work directory is renamed when the run finishes: name where the shards will be, not where they were.
     kept_at = run_dir.final / "shards" if shards == run_dir.shards else shards
-    return run_dir.finish(num_rows, time.perf_counter() - start, {"shards": str(kept_at), "crawl_passes": crawl_passes(shards)})
+    return run_dir.finish(num_rows, time.perf_counter() - start, {"shard_work": ran["shard_work"], "shards": str(kept_at),
+                                                                   "crawl_passes": crawl_passes(shards)})
+
+
+def execute(beam_args: list[str], stages: list[MapStage], names: list[str], shards: list[int], source: ShardSource,
+            out: ShardRows, tally: Tally) -> None:
+    """One segment as one Beam pipeline over the shards to run. The runner does not stream the (shard, rows)
+    counts back, so the skeleton marks the shards whose files are whole after it."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+        _ = pipeline | "Shards" >> beam.Create(shards) | "Segment" >> beam.ParDo(SegmentDoFn(stages, source, out))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,7 +135,7 @@ def read_shard(shards_dir: Path, shard_id: int, url_list: Path) -> list[ImageRec
     images: dict[Path, dict[str, bytes]] = {}
     records = []
     for row in expected:
-        record = ImageRecord(uid=row["uid"], url=row["url"], caption=row["caption"])
+        record = ImageRecord(uid=row["uid"], url=row["url"], caption=row["caption"], shard=shard_id)
         crawled = status.get(row["uid"])
         if crawled is None:
             records.append(record.dropped(STAGE, "crawl_error:shard did not finish; re-run to resume it"))

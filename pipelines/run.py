@@ -3,7 +3,8 @@
 A run writes into `<output_root>/<name>/<version>.partial/` and is renamed to
 `<output_root>/<name>/<version>/` only when everything, manifest last, is written: a directory
 without `.partial` is complete, and a later run never overwrites it. A re-run of the same
-config and inputs finds the `.partial` directory and resumes (img2dataset skips done shards).
+config and inputs finds the `.partial` directory and resumes: img2dataset skips done shards, and every stage
+segment skips the shards it finished (`pipelines/segments.py`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -32,6 +32,7 @@ from pipelines.dataset_card import write_dataset_card
 from schemas.errors import disk_full_error, disk_full_is_user_error, no_space_sentence
 from pipelines.publish import publish_dataset, push_record, push_version
 from pipelines.references import check_references, references_fingerprint
+from pipelines.segments import remove_stage_files
 from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, read_url_list, warn_unreachable_hosts, with_uids, write_url_list
 from schemas.config import PipelineConfig, save_config
@@ -176,9 +177,7 @@ class RunDirectory:
         check_references(self.config.eval_guard)
         check_types(self.config.generate.types)
         warn_unreachable_hosts(table, crawl.preflight_hosts if probe_hosts else 0, frozenset(crawl.allow_private_networks))
-        self.work.mkdir(parents=True, exist_ok=True)
-        for derived in ("records", "dropped"):  # a resumed run rewrites these whole; only shards are reused
-            shutil.rmtree(self.work / derived, ignore_errors=True)
+        self.work.mkdir(parents=True, exist_ok=True)  # a resumed run keeps what it finished (pipelines/segments.py)
         save_config(self.config, self.work / "config.yaml")
         return write_url_list(table, self.url_list, crawl.shard_size)
 
@@ -222,6 +221,7 @@ class RunDirectory:
         manifest = build_manifest(self, counts, seconds, {"teacher": teacher, **(extra or {})})
         (self.work / "manifest.json").write_text(json.dumps(manifest, indent=2))  # key order = stage order
         write_dataset_card(self.work, manifest, published)
+        remove_stage_files(self.work)
         self.work.rename(self.final)
         print(format_summary(manifest))
         print(f"Hugging Face dataset: {self.final / 'hf'}  (datasets.load_from_disk)")

@@ -8,8 +8,12 @@ import hashlib
 import itertools
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from filters.clip_preprocess import ClipPreprocessor
 from filters.clip_scorer import ClipScorer
@@ -17,11 +21,49 @@ from filters.dedup import NearDuplicateIndex
 from filters.eval_guard import ReferenceIndex
 from filters.validate import ImageValidator
 from generators.absent_objects import fit_object_statistics
-from pipelines.batches import binary_values, built_once, records_to_table
+from pipelines.batches import RECORD_SCHEMA, binary_column, binary_values, built_once, records_to_table
 from pipelines.references import load_references
 from schemas.config import DedupConfig, PipelineConfig
 from schemas.errors import UserError
-from schemas.records import ImageRecord, StageResult
+from schemas.records import KEEP, ImageRecord, StageResult
+
+# Columns a fit reads as one [N, D] float32 matrix (dedup's and the eval-leak guard's embeddings).
+MATRIX_COLUMNS = ("embedding", "dedup_embedding")
+
+
+def read_fit_columns(files: list[Path], columns: list[str]) -> pa.Table:
+    """The live rows' `columns` from a segment's files, in uid order (a fit sees the same table however the rows
+    were cut into files). An embedding column is read file by file into one preallocated float32 matrix, which
+    the returned column wraps without a copy: the driver holds that matrix once, whatever the input size."""
+    keys = [pq.read_table(f, columns=["uid", "status"]) for f in files]
+    live = [pc.fill_null(pc.equal(k.column("status"), KEEP), False) for k in keys]
+    uids = pa.chunked_array([k.column("uid").filter(mask) for k, mask in zip(keys, live)], pa.string())
+    order = pc.sort_indices(uids).to_numpy()
+    place = np.empty(len(order), np.int64)
+    place[order] = np.arange(len(order))  # the i-th live row read goes to row place[i]
+    small = [c for c in columns if c not in MATRIX_COLUMNS]
+    parts, matrices, start = [], {}, 0
+    for path, mask in zip(files, live):
+        table = pq.read_table(path, columns=columns, schema=RECORD_SCHEMA).filter(mask)
+        rows = place[start:start + table.num_rows]
+        start += table.num_rows
+        for name in (c for c in columns if c in MATRIX_COLUMNS):
+            if table.num_rows:
+                block = embedding_matrix(table, name)
+                if name not in matrices:
+                    matrices[name] = np.empty((len(order), block.shape[1]), np.float32)
+                matrices[name][rows] = block
+        parts.append(table.select(small))
+    schema = pa.schema([RECORD_SCHEMA.field(c) for c in columns])
+    if not len(order):
+        return schema.empty_table()
+    out = pa.concat_tables(parts).take(pa.array(order))
+    for name, matrix in matrices.items():
+        n, dim = matrix.shape
+        column = binary_column(matrix) if pa.types.is_binary(schema.field(name).type) else pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(matrix.reshape(-1)))
+        out = out.append_column(pa.field(name, column.type), column)
+    return out.select(columns)
 
 
 def scores(table: pa.Table) -> np.ndarray:
@@ -42,8 +84,10 @@ def fit_dedup(config: PipelineConfig, table: pa.Table) -> dict[str, str]:
 def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
     """[N, D] float32 straight from Arrow (no per-float Python objects at 1M x 512): `dedup_embedding` (float32
     bytes per row) or `embedding` (a list of floats per row)."""
-    values = table.column(column).combine_chunks()
-    values = binary_values(values).view(np.float32) if pa.types.is_binary(values.type) else values.flatten().to_numpy()
+    chunks = table.column(column)
+    values = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()  # one chunk: its own memory
+    is_bytes = pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
+    values = binary_values(values).view(np.float32) if is_bytes else values.flatten().to_numpy()
     return values.astype(np.float32, copy=False).reshape(table.num_rows, -1)
 
 

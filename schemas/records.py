@@ -38,6 +38,7 @@ class ImageRecord(BaseModel):
     url: str
     caption: str | None = None
     key: str | None = None  # img2dataset's key inside its shard
+    shard: int | None = None  # the crawl shard (URL list row group) it came from: resume counts work per shard
     sha256: str | None = None  # of the downloaded bytes, before any re-encoding
     width: int | None = None
     height: int | None = None

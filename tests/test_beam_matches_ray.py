@@ -35,31 +35,3 @@ def test_beam_on_ray_shards_gives_same_uids_and_reasons(demo_run, tmp_path):
     for split in ("train", "validation"):
         assert (beam_final / "llava" / f"{split}.json").read_bytes() == (ray_final / "llava" / f"{split}.json").read_bytes()
 
-
-def test_beam_gathers_a_global_fit_as_arrow_columns_whatever_the_bundles():
-    """Beam's global fits get one Arrow table of the live rows' fit columns from a combiner (no list of Python
-    rows): the same rows and types however the rows are cut into chunks, and a typed empty table for none."""
-    import apache_beam as beam
-    import pyarrow as pa
-    from apache_beam.testing.util import assert_that
-
-    from pipelines.batches import RECORD_SCHEMA
-    from pipelines.build_instruct_beam import ColumnsCombineFn
-
-    columns = ["uid", "clip_score", "sha256"]
-    schema = pa.schema([RECORD_SCHEMA.field(c) for c in columns])
-    rows = [{"uid": f"u{i}", "clip_score": i / 8, "sha256": None if i % 3 else f"h{i}", "status": "ok"} for i in range(50)]
-
-    def equals(given: list[dict]):
-        expected = pa.Table.from_pylist([{c: r[c] for c in columns} for r in given], schema)
-
-        def check(outputs):
-            (table,) = outputs
-            assert table.schema.equals(schema) and table.num_rows == len(given)
-            assert table.sort_by("uid").equals(expected.sort_by("uid")) if given else table.num_rows == 0
-        return check
-
-    for chunk, given in ((4096, rows), (7, rows), (7, [])):
-        with beam.Pipeline() as pipeline:
-            combined = pipeline | beam.Create(given) | beam.CombineGlobally(ColumnsCombineFn(columns, chunk))
-            assert_that(combined, equals(given))

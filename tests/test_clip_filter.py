@@ -12,7 +12,7 @@ from filters import clip_loader
 from filters.clip_preprocess import ClipPreprocessor
 from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter
-from pipelines.batches import StageBatches, records_to_table, score_columns
+from pipelines.batches import StageBatches, records_to_table, rows_to_records, score_columns
 from schemas.config import ClipConfig, DedupConfig
 from schemas.errors import UserError
 from schemas.records import ImageRecord
@@ -108,7 +108,7 @@ def test_ray_arrow_batches_are_scored_as_columns_with_the_record_paths_result(ti
     batches.setup()
     assert score_columns(batches.stage, table) is not None  # the column path is the one taken
     by_columns = batches(table)
-    by_records = records_to_table(batches.run(table.to_pylist()))
+    by_records = records_to_table(batches.apply(rows_to_records(table.to_pylist())))
     assert by_columns.equals(by_records)
     assert by_columns.column("uid").to_pylist() == [f"u{i}" for i in range(1, 6)] + ["bad"]
     assert by_columns.column("pixels").null_count == 6 and by_columns.column("clip_score").null_count == 1

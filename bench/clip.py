@@ -7,7 +7,7 @@ The CLIP stage runs in two halves (pipelines/stages.py): `clip_preprocess` (CPU 
 resize, tokenize) and `clip_score` (the model actors: normalize, both towers, annotate), as Ray
 Data's batch-inference guide lays out, so the model is fed by as many CPU workers as the cluster has.
 "Pipeline" is what a `clip_score` actor runs per batch in Ray Data's `map_batches`: an Arrow batch of
-`clip_preprocess`'s rows in, `StageBatches(ClipScorer)`, an Arrow batch out (records to and from
+`clip_preprocess`'s rows in, `StageBatches(ClipScorer)` on its Arrow path, an Arrow batch out (records to and from
 Arrow included). "Bare" is the same model forwards on the same batches already decoded, preprocessed
 and tokenized: `encode_image` once per image view the stage embeds (the full image, plus one
 centre crop per extra `dedup.crop_scales` entry when dedup has an embedding of its own) and
@@ -37,7 +37,7 @@ from filters.clip_loader import load_clip
 from filters.clip_preprocess import ClipPreprocessor, centre_crop, image_views
 from filters.clip_scorer import ClipScorer
 from infra.sample_world import captions_for, plan_scene, render_scene
-from pipelines.batches import RECORD_SCHEMA, StageBatches
+from pipelines.batches import RECORD_SCHEMA, StageBatches, rows_to_records, score_columns
 from schemas.config import ClipConfig, DedupConfig, load_config
 from schemas.records import ImageRecord
 
@@ -57,11 +57,11 @@ def sample_rows(n: int) -> list[dict]:
 
 def measure(config: ClipConfig, dedup: DedupConfig, rows: list[dict], reps: int) -> dict:
     clip = load_clip(config)
-    stage = StageBatches("clip_score", partial(ClipScorer, config, clip, dedup=dedup))
+    stage = StageBatches("clip_score", partial(ClipScorer, config, clip, dedup=dedup), arrow=score_columns)
     cpu_half = StageBatches("clip_preprocess", partial(ClipPreprocessor, config, clip, dedup=dedup))
     bs = config.batch_size
     raw = [rows[i:i + bs] for i in range(0, len(rows) - bs + 1, bs)]
-    batches = [[r.model_dump() for r in cpu_half.run(b)] for b in raw]
+    batches = [[r.model_dump() for r in cpu_half.apply(rows_to_records(b))] for b in raw]
     tables = [pa.Table.from_pylist(b, schema=RECORD_SCHEMA) for b in batches]  # what Ray hands an actor
     views = image_views(dedup)
     decoded = [[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in b] for b in batches]

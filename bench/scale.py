@@ -11,10 +11,12 @@ clip.mode=threshold) -> dedup -> objects (the world's annotations) -> probes -> 
 `infra.fake_teacher` (50 ms per request; generate.max_images=16, so the teacher's share stays constant) ->
 verify, then records/, dropped/, the manifest and publishing. The eval-leak guard is off (no held-out set).
 
-Seconds per step are read from the job's progress lines as they arrive (a global stage's fit runs every stage
-before it): `start + crawl` (the job's imports, checks, Ray and img2dataset finding every shard done),
-`to dedup` (read shards, validate, both CLIP halves, the threshold, dedup's fit), `to probes`
-(dedup's apply, objects, the probes fit), `stages after` (probes' apply, generate, verify) and `write + publish`.
+Seconds per step are read from the job's progress lines as they arrive (the stages run in segments cut at the
+global stages, each writing every shard's rows before the next fit reads them): `start + crawl` (the job's
+imports, checks, Ray and img2dataset finding every shard done), `to dedup` (read shards, validate, both CLIP
+halves, the threshold, rows written, dedup's fit from the written columns), `to probes` (dedup's apply, objects,
+the probes fit), `stages after` (probes' apply, generate, verify, records/ and dropped/ written) and
+`write + publish` (counts, publishing, the manifest).
 RSS is sampled every 0.25 s: the driver (the job's own process) and every Ray worker (`ray::` processes),
 the peak of each and of the workers' sum, and the driver's peak within each step.
 
@@ -123,15 +125,18 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.driver, self.stop = psutil.Process(pid), threading.Event()
         self.peak = {"driver": 0, "driver_anonymous": 0, "worker": 0, "workers_sum": 0}
-        self.step, self.driver_by_step = STEPS[0][0], {}  # the step the job is in (set by the reader of its lines)
+        self.step = STEPS[0][0]  # the step the job is in (set by the reader of its lines)
+        self.driver_by_step, self.anonymous_by_step = {}, {}
 
     def run(self) -> None:
         while not self.stop.wait(0.25):
             try:
                 rss = self.driver.memory_info().rss
                 self.peak["driver"] = max(self.peak["driver"], rss)
-                self.peak["driver_anonymous"] = max(self.peak["driver_anonymous"], anonymous_rss(self.driver.pid))
+                anonymous = anonymous_rss(self.driver.pid)
+                self.peak["driver_anonymous"] = max(self.peak["driver_anonymous"], anonymous)
                 self.driver_by_step[self.step] = max(self.driver_by_step.get(self.step, 0), rss)
+                self.anonymous_by_step[self.step] = max(self.anonymous_by_step.get(self.step, 0), anonymous)
             except (psutil.Error, OSError):
                 return
             workers = []
@@ -191,6 +196,8 @@ def run_size(folder: Path, n: int, teacher: FakeServer, scratch: Path) -> dict:
             "driver_peak_rss_gib": round(sampler.peak["driver"] / gib, 3),
             "driver_peak_anonymous_rss_gib": round(sampler.peak["driver_anonymous"] / gib, 3),
             "driver_peak_rss_gib_by_step": {step: round(rss / gib, 3) for step, rss in sampler.driver_by_step.items()},
+            "driver_peak_anonymous_rss_gib_by_step": {step: round(rss / gib, 3)
+                                                      for step, rss in sampler.anonymous_by_step.items()},
             "dedup_matrix_gib": round(matrix / gib, 3),
             "driver_peak_without_matrix_gib": round((sampler.peak["driver"] - matrix) / gib, 3),
             "worker_peak_rss_gib": round(sampler.peak["worker"] / gib, 3),

@@ -25,7 +25,8 @@ from infra.world_noise import prepare_world
 from infra.world_server import WorldServer
 from schemas.errors import disk_full_is_user_error, exit_on_user_error
 from pipelines.cli import parser
-from pipelines.run import RunDirectory, check_output_root, code_revision, format_summary
+from pipelines.manifest import code_revision, format_summary
+from pipelines.run import RunDirectory, check_output_root
 from schemas.config import load_config
 from schemas.errors import UserError
 

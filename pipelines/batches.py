@@ -2,8 +2,9 @@
 
 Engines hand batches of rows (Arrow tables, as stored in parquet) to `StageBatches`; it rebuilds the
 typed records, runs the stage on the live ones and passes already-dropped rows through, so a
-row dropped by the crawl still reaches the output with its reason. The CLIP scorer runs straight on
-the Arrow columns (`score_columns`). Each stage is built once per worker process (`built_once`).
+row dropped by the crawl still reaches the output with its reason. A stage may offer a whole-table path that
+runs straight on the Arrow columns (the plan declares it: `MapStage.arrow`; the CLIP scorer's is
+`score_columns`). Each stage is built once per worker process (`built_once`).
 """
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from filters.clip_scorer import ClipScorer
+if typing.TYPE_CHECKING:
+    from filters.clip_scorer import ClipScorer
 from schemas.records import KEEP, ImageRecord, StageResult, stored_type
 
 Stage = Callable[[list[ImageRecord]], StageResult]
+# A stage's whole-table path: (the built stage, an Arrow batch) -> the batch it would give, or None when the
+# record path must run (`score_columns` is the CLIP scorer's).
+ArrowPath = Callable[[Any, pa.Table], "pa.Table | None"]
 
 
 def arrow_type(annotation) -> pa.DataType:
@@ -62,7 +67,7 @@ def binary_column(rows: np.ndarray) -> pa.Array:
                                  [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))])
 
 
-def score_columns(scorer: ClipScorer, batch: pa.Table) -> pa.Table | None:
+def score_columns(scorer: "ClipScorer", batch: pa.Table) -> pa.Table | None:
     """`ClipScorer` straight on Arrow columns, for Ray's model actors: the live rows' pixels and tokens go
     to the model as one array each and the scores come back as columns, with no Python object per row
     (at GPU speed, building records would cost more than the model). The same table the record path
@@ -157,10 +162,12 @@ class StageBatches:
     from the first row, so what a model sees together is the same in every run: a resumed run, which runs only
     some shards, scores each row in the same batch, to the last bit, as an uninterrupted one."""
 
-    def __init__(self, name: str, factory: Callable[[], Stage], batch_size: int | None = None):
+    def __init__(self, name: str, factory: Callable[[], Stage], batch_size: int | None = None,
+                 arrow: ArrowPath | None = None):
         self.name = name
         self.factory = factory
         self.batch_size = batch_size  # None: the rows as given, in one batch
+        self.arrow = arrow  # the stage's whole-table path, when it offers one (`MapStage.arrow`)
         self.key = f"{name}:{uuid.uuid4().hex}"  # the same in every pickled copy of this instance
         self.stage: Stage | None = None
         self._setup_lock = threading.Lock()  # an actor running batches in threads builds its stage once
@@ -189,6 +196,6 @@ class StageBatches:
         return pa.concat_tables([self._table(block.slice(start, end - start)) for start, end in self._cuts(block.num_rows)])
 
     def _table(self, batch: pa.Table) -> pa.Table:
-        if isinstance(self.stage, ClipScorer) and (table := score_columns(self.stage, batch)) is not None:
+        if self.arrow is not None and (table := self.arrow(self.stage, batch)) is not None:
             return table
         return records_to_table(apply_stage(self.stage, rows_to_records(batch.to_pylist())))

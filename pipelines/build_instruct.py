@@ -25,7 +25,7 @@ from pipelines.cli import parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, crawl_passes  # noqa: E402
 from pipelines.run import RunDirectory, run_version  # noqa: E402
 from pipelines.url_list import shard_count_for  # noqa: E402
-from pipelines.batches import StageBatches  # noqa: E402
+from pipelines.batches import StageBatches  # noqa: E402 - Ray builds one per actor from its arguments
 from pipelines.segments import ShardRows, ShardSource, Tally, progress, run_segments  # noqa: E402
 from pipelines.stages import MapStage, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
@@ -62,10 +62,9 @@ def apply_on_ray(ds: ray.data.Dataset, stage: MapStage) -> ray.data.Dataset:
             ds = ds.repartition(target_num_rows_per_block=stage.batch_size)
         pool = ActorPoolStrategy(size=stage.num_actors, max_tasks_in_flight_per_actor=calls,
                                  max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1)
-        return ds.map_batches(StageBatches, fn_constructor_args=(stage.name, stage.factory, stage.batch_size),
+        return ds.map_batches(StageBatches, fn_constructor_args=(stage.name, stage.factory, stage.batch_size, stage.arrow),
                               batch_format="pyarrow", batch_size=None, compute=pool, num_gpus=stage.num_gpus)
-    return ds.map_batches(StageBatches(stage.name, stage.factory, stage.batch_size), batch_format="pyarrow",
-                          batch_size=None)
+    return ds.map_batches(stage.batches(), batch_format="pyarrow", batch_size=None)
 
 
 def run(config: PipelineConfig) -> dict:

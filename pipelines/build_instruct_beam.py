@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 from pipelines.cli import parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, crawl_passes  # noqa: E402
 from pipelines.run import RunDirectory, run_version  # noqa: E402
-from pipelines.batches import StageBatches, records_to_table, rows_to_records  # noqa: E402
+from pipelines.batches import records_to_table, rows_to_records  # noqa: E402
 from pipelines.segments import ShardRows, ShardSource, Tally, run_segments  # noqa: E402
 from pipelines.stages import MapStage, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
@@ -35,7 +35,7 @@ class SegmentDoFn(beam.DoFn):
     setup() builds every stage (and loads its model) once per worker; shards run side by side on workers."""
 
     def __init__(self, stages: list[MapStage], source: ShardSource, out: ShardRows):
-        self.stages = [StageBatches(stage.name, stage.factory, stage.batch_size) for stage in stages]
+        self.stages = [stage.batches() for stage in stages]
         self.source, self.out = source, out
 
     def setup(self):

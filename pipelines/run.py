@@ -1,4 +1,4 @@
-"""Run directories, versions and the manifest.
+"""Run directories and versions (what a finished run counts and writes in its manifest: `pipelines/manifest.py`).
 
 A run writes into `<output_root>/<name>/<version>.partial/` and is renamed to
 `<output_root>/<name>/<version>/` only when everything, manifest last, is written: a directory
@@ -12,23 +12,21 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import subprocess
 import tempfile
-import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+
 from evals.grounding_eval import evaluate_grounding
-from evals.noise_eval import evaluate_against_noise, read_rows
+from evals.noise_eval import evaluate_against_noise
 from filters.clip_loader import resolve_weights
 from schemas.coco import load_coco_instances
 from generators.prompts import PROMPT_VERSION
 from generators.teacher import TeacherUsage, check_reachable
 from generators.teacher_types import check_types
 from pipelines.dataset_card import write_dataset_card
+from pipelines.manifest import build_manifest, format_summary, tally_outputs
 from schemas.errors import disk_full_error, disk_full_is_user_error, no_space_sentence
 from pipelines.publish import publish_dataset, push_record, push_version
 from pipelines.references import check_references, references_fingerprint
@@ -37,20 +35,6 @@ from pipelines.stages import stage_plan
 from pipelines.url_list import file_sha256, read_url_list, warn_unreachable_hosts, with_uids, write_url_list
 from schemas.config import PipelineConfig, save_config
 from schemas.errors import UserError
-from schemas.records import reason_kind
-
-
-def code_revision() -> str:
-    """The git commit of the code; a Ray job runs in a copy without .git, so its submitter passes
-    VISINSTRUCT_CODE_REVISION (infra/demo.py does)."""
-    if revision := os.environ.get("VISINSTRUCT_CODE_REVISION"):
-        return revision
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 @contextlib.contextmanager
@@ -202,20 +186,18 @@ class RunDirectory:
     def finish(self, num_rows: int, seconds: float, extra: dict | None = None) -> dict:
         """Counts what was written, writes the manifest last, renames `.partial` away, prints the summary."""
         stage_order = ["crawl"] + [stage.name for stage in stage_plan(self.config)]
-        counts = summarize(self.work / "records", self.work / "dropped", num_rows, stage_order)
         records, dropped = self.work / "records", self.work / "dropped"
+        counts = tally_outputs(records, dropped, num_rows, stage_order)
+        usage = TeacherUsage.total(counts.pop("usage"))
+        rejected_turns = counts.pop("rejected_turns")
         if self.config.evaluate.noise_manifest:
             counts["noise_eval"] = evaluate_against_noise(Path(self.config.evaluate.noise_manifest), records, dropped,
                                                           stage_order)
         published = publish_dataset(self.work, self.config.publish.validation_fraction, self.config.teacher.seed)
         counts["published"] = published
-        generated = [r for d in (records, dropped) for r in read_rows(d, ["rejected_turns", "teacher_usage"])]
-        counts["rejected_turns"] = dict(sorted(Counter(
-            f"{turn['type']}:{reason_kind(turn['reason'])}" for r in generated
-            for turn in json.loads(r["rejected_turns"] or "[]")).items()))
+        counts["rejected_turns"] = rejected_turns
         if self.config.evaluate.ground_truth:
             counts["grounding_eval"] = evaluate_grounding(self.config, records, dropped, num_rows)
-        usage = TeacherUsage.total([json.loads(r["teacher_usage"]) for r in generated if r["teacher_usage"]])
         teacher = {"kind": self.config.teacher.kind, "model": self.config.teacher.model,
                    "prompt_version": PROMPT_VERSION, "usage": usage}
         manifest = build_manifest(self, counts, seconds, {"teacher": teacher, **(extra or {})})
@@ -230,61 +212,3 @@ class RunDirectory:
         if self.config.publish.push_to_hub:  # publish.hub_repo is checked with the config, before crawling
             self.push()
         return manifest
-
-
-def summarize(records_dir: Path, dropped_dir: Path, input_rows: int, stage_order: list[str]) -> dict:
-    """Counts per stage and per reason, from what was written (so Ray and Beam are counted alike)."""
-    kept = read_rows(records_dir, ["uid"])
-    dropped = read_rows(dropped_dir, ["uid", "stage", "reason"])
-    by_stage: dict[str, Counter] = {}
-    for row in dropped:
-        by_stage.setdefault(row["stage"], Counter())[reason_kind(row["reason"])] += 1
-    stages, remaining = {}, input_rows
-    for name in stage_order + sorted(set(by_stage) - set(stage_order)):
-        reasons = by_stage.get(name, Counter())
-        lost = sum(reasons.values())
-        stages[name] = {"in": remaining, "kept": remaining - lost, "dropped": lost, "reasons": dict(sorted(reasons.items()))}
-        remaining -= lost
-    return {
-        "input_urls": input_rows,
-        "kept": len(kept),
-        "dropped": len(dropped),
-        "accounted": len(kept) + len(dropped) == input_rows,
-        "stages": stages,
-    }
-
-
-def build_manifest(run: RunDirectory, counts: dict, seconds: float, extra: dict | None = None) -> dict:
-    return {
-        "name": run.config.name,
-        "version": run.version,
-        "engine": run.engine,
-        "config": run.config.to_dict(),
-        "config_sha256": run.config.fingerprint(),
-        "url_list": {"path": str(Path(run.config.crawl.url_list).resolve()), "sha256": run.url_list_sha256},
-        "code_revision": code_revision(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(seconds, 2),
-        "counts": counts,
-        **(extra or {}),
-    }
-
-
-def format_summary(manifest: dict) -> str:
-    counts = manifest["counts"]
-    lines = [f"{manifest['name']} {manifest['version']} ({manifest['engine']}): "
-             f"{counts['input_urls']} URLs in, {counts['kept']} kept, {counts['dropped']} dropped"]
-    for stage, info in counts["stages"].items():
-        lines.append(f"  {stage:<10} in {info['in']:>7}  kept {info['kept']:>7}  dropped {info['dropped']:>6}")
-        for reason, n in sorted(info["reasons"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"      {n:>7}  {reason}")
-    for reason, n in counts.get("rejected_turns", {}).items():
-        lines.append(f"  turn removed by the grounding verifier: {n:>5}  {reason}")
-    if grounding := counts.get("grounding_eval"):
-        lines.append(f"  vs ground truth: answers asserting an absent object {grounding['absent_object_rate']}, "
-                     f"negative labels wrong {grounding['negative_label_error_rate']}, "
-                     f"{grounding['yield']['llava_records']} LLaVA records from {grounding['yield']['input_urls']} URLs")
-    for name, figures in counts.get("noise_eval", {}).items():
-        lines.append(f"  vs noise manifest, {name}: precision {figures['precision']}  recall {figures['recall']}  "
-                     f"({figures['true_positives']} right of {figures['predicted']} removed)")
-    return "\n".join(lines)

@@ -19,7 +19,7 @@ from filters.grounding import GroundingVerifier
 from filters.validate import ImageValidator
 from generators.absent_objects import AbsentObjectSampler
 from generators.objects import ObjectFinder
-from pipelines.batches import Stage
+from pipelines.batches import ArrowPath, Stage, StageBatches, score_columns
 from pipelines.stage_fits import clip_dedup_settings, dedup_column, fit_dedup, fit_eval_guard, fit_probes, scores
 from schemas.config import PipelineConfig
 
@@ -37,6 +37,11 @@ class MapStage:
     # Batches one actor works on at once (threads sharing its model or client). Above 1, the stage also gets
     # one batch per block on Ray, so each batch's output leaves (and shows progress) as soon as it is done.
     concurrent_batches: int = 1
+    arrow: ArrowPath | None = None  # a whole-table path the stage offers (pipelines/batches.py: StageBatches)
+
+    def batches(self) -> StageBatches:
+        """The batch function both engines run this stage with."""
+        return StageBatches(self.name, self.factory, self.batch_size, self.arrow)
 
 
 @dataclass
@@ -67,7 +72,7 @@ def stage_plan(config: PipelineConfig) -> list[MapStage | GlobalStage]:
         MapStage("clip_preprocess", partial(ClipPreprocessor, config.clip, dedup=dedup), batch_size=config.clip.batch_size),
         MapStage("clip_score", partial(ClipScorer, config.clip, dedup=dedup),
                  uses_model=True, batch_size=config.clip.batch_size,
-                 num_actors=config.clip.num_actors, num_gpus=gpus),
+                 num_actors=config.clip.num_actors, num_gpus=gpus, arrow=score_columns),
         # A fixed threshold is a plain per-batch stage; only top_fraction needs every score first.
         MapStage("clip_filter", partial(ClipScoreFilter, config.clip.threshold)) if config.clip.mode == "threshold" else
         GlobalStage("clip_filter", ["clip_score"], lambda table: fit_clip_threshold(config.clip, scores(table)),

@@ -104,7 +104,7 @@ def test_ray_arrow_batches_are_scored_as_columns_with_the_record_paths_result(ti
     broken = ImageRecord(uid="bad", url="http://x/bad.jpg", caption="c", image=b"not an image")
     prepared = ClipPreprocessor(tiny, dedup=dedup)(records(6) + [broken])
     table = records_to_table(prepared.kept + prepared.dropped).slice(1)  # 5 live rows, 1 dropped, offset 1
-    batches = StageBatches("clip_score", partial(ClipScorer, tiny, dedup=dedup))
+    batches = StageBatches("clip_score", partial(ClipScorer, tiny, dedup=dedup), arrow=score_columns)
     batches.setup()
     assert score_columns(batches.stage, table) is not None  # the column path is the one taken
     by_columns = batches(table)

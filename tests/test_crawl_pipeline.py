@@ -137,6 +137,6 @@ def test_an_interrupted_run_resumes_without_duplicating_rows(demo_run, tmp_path)
 
 def test_the_manifest_names_the_commit_even_inside_a_ray_job(demo_run):
     """The job runs in a copy of the repo without .git; the demo passes the revision along."""
-    from pipelines.run import code_revision
+    from pipelines.manifest import code_revision
 
     assert demo_run["manifest"]["code_revision"] == code_revision() != "unknown"

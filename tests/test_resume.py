@@ -1,6 +1,6 @@
 """Resume per shard and stage: a Ray run and a Beam run, each killed (`kill -9` of the process group) after some
-but not all shards of the last stage segment (probes -> generate -> verify) were written, re-run only that
-unfinished shard x segment work, and publish byte for byte what an uninterrupted run publishes.
+but not all shards of a stage segment were written, re-run only that unfinished shard x segment work (and the
+segments after it), and publish byte for byte what an uninterrupted run publishes.
 
 Real parts: a rendered sample world served over HTTP and crawled by img2dataset, a real `ray start --head`, the
 pipeline as its own process. The teacher is `infra.fake_teacher` (a real HTTP server with schema-valid,
@@ -72,9 +72,13 @@ def command(engine: str, world: dict, out: Path) -> list[str]:
             *[a for o in overrides for a in ("--set", o)]]
 
 
-def written_uids(partial: Path) -> set[str]:
-    """The uids in the last segment's outputs (records/ and dropped/), read as any parquet reader would."""
-    files = [f for folder in ("records", "dropped") for f in (partial / folder).glob("*.parquet")]
+# Where a segment's rows are written (README: resume): the first segment's own folder, the last one's records/ and dropped/.
+WRITTEN = {"first": ("stages/0-validate",), "last": ("records", "dropped")}
+
+
+def written_uids(partial: Path, segment: str) -> set[str]:
+    """The uids in a segment's written files, read as any parquet reader would."""
+    files = [f for folder in WRITTEN[segment] for f in (partial / folder).glob("*.parquet")]
     return {uid for f in files for uid in pq.read_table(f, columns=["uid"]).column("uid").to_pylist()}
 
 
@@ -90,8 +94,8 @@ def published(final: Path) -> dict[str, bytes]:
             for f in sorted((final / name).rglob("*")) if f.is_file()}
 
 
-def run_killed_then_resumed(engine: str, world: dict, out: Path) -> tuple[int, dict, Path]:
-    """Starts the run, kills its process group once 1..SHARDS-1 shards of the last segment are written, waits
+def run_killed_then_resumed(engine: str, segment: str, world: dict, out: Path) -> tuple[int, dict, Path]:
+    """Starts the run, kills its process group once 1..SHARDS-1 shards of the segment are written, waits
     until nothing more is written, re-runs it; returns (shards complete at the kill, manifest, final dir)."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     first = subprocess.Popen(command(engine, world, out), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -100,17 +104,17 @@ def run_killed_then_resumed(engine: str, world: dict, out: Path) -> tuple[int, d
     partial = None
     while time.monotonic() < deadline and first.poll() is None:
         partial = next((out / "resume").glob("*.partial"), None)
-        complete = complete_shards(world, written_uids(partial)) if partial else 0
+        complete = complete_shards(world, written_uids(partial, segment)) if partial else 0
         if 1 <= complete < SHARDS:
             break
         time.sleep(0.1)
     assert first.poll() is None and 1 <= complete < SHARDS, f"not caught half done: {complete} shards written"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    settled, before = time.monotonic(), written_uids(partial)
+    settled, before = time.monotonic(), written_uids(partial, segment)
     while time.monotonic() - settled < 5:  # a Ray worker may finish a write the dead driver asked for
         time.sleep(0.5)
-        now = written_uids(partial)
+        now = written_uids(partial, segment)
         if now != before:
             settled, before = time.monotonic(), now
     complete = complete_shards(world, before)
@@ -121,9 +125,21 @@ def run_killed_then_resumed(engine: str, world: dict, out: Path) -> tuple[int, d
     return complete, json.loads(manifest_path.read_text()), manifest_path.parent
 
 
-def uninterrupted(engine: str, world: dict, out: Path) -> dict[str, bytes]:
-    """What an uninterrupted run of the engine publishes (the engines agree on every record, but a CLIP score
-    may differ in its last bit between them: Ray's model actors and Beam's workers cut batches differently)."""
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    """engine -> what an uninterrupted run of it publishes (run once per engine). The engines agree on every
+    record, but a CLIP score may differ in its last bit between them: Ray hands a stage Ray's size-bounded
+    pieces of a shard, Beam the whole shard, so their batches can differ."""
+    runs: dict[str, dict[str, bytes]] = {}
+
+    def get(engine: str) -> dict[str, bytes]:
+        if engine not in runs:
+            runs[engine] = uninterrupted_run(engine, world, tmp_path_factory.mktemp(f"uninterrupted_{engine}"))
+        return runs[engine]
+    return get
+
+
+def uninterrupted_run(engine: str, world: dict, out: Path) -> dict[str, bytes]:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     done = subprocess.run(command(engine, world, out), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -133,18 +149,26 @@ def uninterrupted(engine: str, world: dict, out: Path) -> dict[str, bytes]:
     return published(manifest_path.parent)
 
 
-@pytest.mark.parametrize("engine", ["beam", "ray"])
-def test_a_killed_run_reruns_only_unfinished_shards_and_publishes_the_same_bytes(engine, world, tmp_path, request):
+@pytest.mark.parametrize("engine, segment", [("beam", "last"), ("ray", "last"), ("ray", "first")])
+def test_a_killed_run_reruns_only_unfinished_shards_and_publishes_the_same_bytes(engine, segment, world, uninterrupted,
+                                                                                   tmp_path, request):
+    """Killed in the last segment (probes -> generate -> verify), or on Ray in the first (validate -> CLIP), where
+    a resumed run must still score every image in the same batch as an uninterrupted run does."""
     if engine == "ray":
         request.getfixturevalue("ray_head")
-    complete, manifest, final = run_killed_then_resumed(engine, world, tmp_path / "killed")
-    reference = uninterrupted(engine, world, tmp_path / "uninterrupted")
+    complete, manifest, final = run_killed_then_resumed(engine, segment, world, tmp_path / "killed")
+    reference = uninterrupted(engine)
     work = manifest["shard_work"]
-    segments = list(work)
-    assert segments[-1] == "probes" and len(segments) >= 3, segments  # validate..clip_filter | dedup.. | probes..
-    for name in segments[:-1]:  # every earlier segment had finished before the kill: nothing of it ran again
-        assert work[name] == {**work[name], "ran": 0, "reused": SHARDS}, work
-    assert work["probes"]["ran"] == SHARDS - complete and work["probes"]["reused"] == complete, (complete, work)
+    names = list(work)
+    assert names[0] == "validate" and names[-1] == "probes" and len(names) >= 3, names
+    killed = names[-1] if segment == "last" else names[0]
+    for name in names:
+        before, after = names.index(name) < names.index(killed), names.index(name) > names.index(killed)
+        if before:  # finished before the kill: nothing of it ran again
+            assert work[name]["ran"] == 0 and work[name]["reused"] == SHARDS, work
+        elif after:  # not started at the kill: every shard ran
+            assert work[name]["ran"] == SHARDS and work[name]["reused"] == 0, work
+    assert work[killed]["ran"] == SHARDS - complete and work[killed]["reused"] == complete, (complete, work)
     assert manifest["counts"]["accounted"] and manifest["counts"]["input_urls"] == SHARDS * PER_SHARD
     files = published(final)
     assert files and files.keys() == reference.keys()

@@ -113,37 +113,42 @@ def _features(kind: str):
                               "prompt": [message], "chosen": [message], "rejected": [message]})
 
 
-def save_splits(rows_by_split: dict[str, list[dict]], features, out: Path, fill: Callable[[dict], dict]) -> None:
-    """`out` as a DatasetDict (save_to_disk). Each split goes through datasets' generator path: a row gets its
-    image bytes from `fill` (read from llava/images) just before it is written, and the writer flushes to its
-    cache file a batch at a time, so no split ever holds all its images in memory. The cache is a scratch
-    folder beside `out`, removed after; the fingerprint is the split's ids, so the same rows give the same
-    files."""
+def save_splits(rows_by_split: dict[str, list[dict]], features, out: Path, fill: Callable[[dict], dict],
+                shape: Callable[[dict], list[dict]] = lambda row: [row]) -> dict[str, int]:
+    """`out` as a DatasetDict (save_to_disk) of the rows `shape` makes of each published row (the row itself, a
+    TRL message row, a record's preference pairs); returns rows per split. Each split goes through datasets'
+    generator path: a row is shaped, and gets its image bytes from `fill` (read from llava/images), just before
+    it is written, and the writer flushes to its cache file a batch at a time, so no split ever holds all its
+    shaped rows or images in memory. The cache is a scratch folder beside `out`, removed after; the
+    fingerprint is the split's published ids, so the same rows give the same files."""
     import datasets
 
     shutil.rmtree(out, ignore_errors=True)
-    splits = {}
+    splits, sizes = {}, {}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-build-") as cache:
         for split, rows in rows_by_split.items():
-            if not rows:  # the generator path cannot build an empty split
+            sizes[split] = sum(len(shape(row)) for row in rows)  # text only: cheap next to writing the images
+            if not sizes[split]:  # the generator path cannot build an empty split
                 splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
                 continue
             ids = json.dumps([out.name, split, [r["id"] for r in rows]]).encode()
             splits[split] = datasets.Dataset.from_generator(
                 _filled, features=features, cache_dir=cache, split=split,
                 fingerprint=hashlib.sha256(ids).hexdigest()[:16],
-                gen_kwargs={"rows": rows, "fill": fill, "names": tuple(features)})  # one list: rows
+                gen_kwargs={"rows": rows, "fill": fill, "shape": shape, "names": tuple(features)})  # one list: rows
         # save_to_disk holds about a shard's worth of memory while it writes one: shards of SHARD_BYTES, not
         # datasets' default 500 MB, keep that small whatever the split's size (bench/publish.py); an empty
         # split still gets one shard, which load_from_disk needs.
         shards = {split: max(1, math.ceil(ds.data.nbytes / SHARD_BYTES)) for split, ds in splits.items()}
         datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=shards)
+    return sizes
 
 
-def _filled(rows: list[dict], fill: Callable[[dict], dict], names: tuple[str, ...]):
-    for row in rows:
-        row = fill(row)
-        yield {name: row[name] for name in names}
+def _filled(rows: list[dict], fill: Callable[[dict], dict], shape: Callable[[dict], list[dict]], names: tuple[str, ...]):
+    for source in rows:
+        for row in shape(source):
+            row = fill(row)
+            yield {name: row[name] for name in names}
 
 
 def llamafactory_entry(split: str) -> dict:
@@ -157,32 +162,34 @@ def write_exports(run_dir: Path, rows_by_split: dict[str, list[dict]], image_pat
     """Writes the three exports; `image_paths`: uid -> the image's path under llava/, `extras`: uid -> {probes,
     rejected_turns} of its record, `image`: uid -> the HF image value (read when its row is written). Returns
     rows per export and split, and pairs per source."""
-    sft = {split: [{"id": r["id"], "uid": r["uid"], "messages": sft_messages(r["conversations"]), "type": r["type"]}
-                   for r in rows] for split, rows in rows_by_split.items()}
-    dpo, sources, unpaired = {}, Counter(), 0
-    for split, rows in rows_by_split.items():
-        dpo[split] = []
-        for r in rows:
-            extra = extras.get(r["uid"], {})
-            for p in dpo_pairs(r, json.loads(extra.get("probes") or "[]"), json.loads(extra.get("rejected_turns") or "[]")):
-                dpo[split].append(p)
-                sources[p["source"]] += 1
-    for extra in extras.values():
-        unpaired += sum(t["type"] != "negatives" for t in json.loads(extra.get("rejected_turns") or "[]"))
+    def sft_row(row: dict) -> list[dict]:
+        return [{"id": row["id"], "uid": row["uid"], "messages": sft_messages(row["conversations"]), "type": row["type"]}]
+
+    def pairs(row: dict) -> list[dict]:
+        extra = extras.get(row["uid"], {})
+        return dpo_pairs(row, json.loads(extra.get("probes") or "[]"), json.loads(extra.get("rejected_turns") or "[]"))
+
+    sources = Counter(p["source"] for rows in rows_by_split.values() for r in rows for p in pairs(r))
+    unpaired = sum(t["type"] != "negatives" for extra in extras.values()
+                   for t in json.loads(extra.get("rejected_turns") or "[]"))
     with_image = lambda row: {**row, "images": [image(row["uid"])]}  # noqa: E731
-    save_splits(sft, _features("trl_sft"), run_dir / "trl_sft", with_image)
-    save_splits(dpo, _features("trl_dpo"), run_dir / "trl_dpo", with_image)
+    sft = save_splits(rows_by_split, _features("trl_sft"), run_dir / "trl_sft", with_image, sft_row)
+    dpo = save_splits(rows_by_split, _features("trl_dpo"), run_dir / "trl_dpo", with_image, pairs)
 
     folder = run_dir / "llamafactory"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     info = {}
     for split, rows in rows_by_split.items():
-        entries = [{"messages": [{"role": ROLE[t["from"]], "content": t["value"]} for t in r["conversations"]],
-                    "images": [f"../llava/{image_paths[r['uid']]}"]} for r in rows]
-        (folder / f"{split}.json").write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+        with (folder / f"{split}.json").open("w") as file:  # json.dumps(entries, indent=1), an entry at a time
+            file.write("[" if rows else "[]")
+            for i, r in enumerate(rows):
+                entry = {"messages": [{"role": ROLE[t["from"]], "content": t["value"]} for t in r["conversations"]],
+                         "images": [f"../llava/{image_paths[r['uid']]}"]}
+                file.write(("," if i else "") + "\n " + json.dumps(entry, indent=1, ensure_ascii=False).replace("\n", "\n "))
+            file.write("\n]\n" if rows else "\n")
         info[f"visinstruct_{split}"] = llamafactory_entry(split)
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=1) + "\n")
-    return {"trl_sft": {s: len(r) for s, r in sft.items()}, "trl_dpo": {s: len(r) for s, r in dpo.items()},
+    return {"trl_sft": sft, "trl_dpo": dpo,
             "llamafactory": {s: len(r) for s, r in rows_by_split.items()},
             "dpo_sources": dict(sorted(sources.items())), "rejected_turns_without_pair": unpaired}

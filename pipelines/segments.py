@@ -40,6 +40,7 @@ from schemas.errors import UserError
 from schemas.records import KEEP
 
 SHARD_PREFIX = "shard-"
+EMPTY = "empty.parquet"  # records/ or dropped/ of a run with no such row: one file with the columns, for every reader
 
 
 def progress(message: str) -> None:
@@ -244,6 +245,9 @@ def run_segments(work: Path, shards: Path, url_list: Path, plan: list[MapStage |
             raise UserError(f"{segment.name}: {len(missing)} shards did not get all their rows written (e.g. shard "
                             f"{missing[0]}: {written[missing[0]]} files); re-run to redo them.")
         source = previous = out
+    for folder, schema in ((work / "records", RECORD_SCHEMA), (work / "dropped", DROPPED_SCHEMA)):
+        if not any(folder.glob("*.parquet")):
+            _write_whole(schema.empty_table(), folder / EMPTY)
     progress(f"all stages done in {time.perf_counter() - started:.0f} s")
     return {"shard_work": report, "engine": [d for d in described if d]}
 
@@ -258,7 +262,7 @@ def _fit(stage: GlobalStage, previous: ShardRows, started: float) -> Any:
 def _drop_unsharded(work: Path) -> None:
     """records/ and dropped/ files that no shard wrote (an older run's whole-run files) would be counted twice."""
     for folder in (work / "records", work / "dropped"):
-        if folder.is_dir() and any(not p.name.startswith(SHARD_PREFIX) for p in folder.iterdir()):
+        if folder.is_dir() and any(not p.name.startswith(SHARD_PREFIX) and p.name != EMPTY for p in folder.iterdir()):
             shutil.rmtree(folder)
 
 

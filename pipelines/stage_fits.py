@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-
 from pathlib import Path
 
 import numpy as np

@@ -124,11 +124,10 @@ def save_splits(rows_by_split: dict[str, list[dict]], features, out: Path, fill:
     import datasets
 
     shutil.rmtree(out, ignore_errors=True)
-    splits, sizes = {}, {}
+    splits = {}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-build-") as cache:
         for split, rows in rows_by_split.items():
-            sizes[split] = sum(len(shape(row)) for row in rows)  # text only: cheap next to writing the images
-            if not sizes[split]:  # the generator path cannot build an empty split
+            if not any(shape(row) for row in rows):  # the generator path cannot build an empty split
                 splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
                 continue
             ids = json.dumps([out.name, split, [r["id"] for r in rows]]).encode()
@@ -141,7 +140,7 @@ def save_splits(rows_by_split: dict[str, list[dict]], features, out: Path, fill:
         # split still gets one shard, which load_from_disk needs.
         shards = {split: max(1, math.ceil(ds.data.nbytes / SHARD_BYTES)) for split, ds in splits.items()}
         datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=shards)
-    return sizes
+    return {split: len(ds) for split, ds in splits.items()}
 
 
 def _filled(rows: list[dict], fill: Callable[[dict], dict], shape: Callable[[dict], list[dict]], names: tuple[str, ...]):

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-
 from evals.grounding_eval import evaluate_grounding
 from evals.noise_eval import evaluate_against_noise
 from filters.clip_loader import resolve_weights

@@ -216,8 +216,7 @@ def run_segments(work: Path, shards: Path, url_list: Path, plan: list[MapStage |
     engine's descriptions."""
     expected = expected_rows(url_list)
     _drop_unsharded(work)
-    source: ShardSource = CrawlShards(shards, url_list)
-    previous: ShardRows | None = None
+    source: ShardSource = CrawlShards(shards, url_list)  # then each segment reads the one before it (ShardRows)
     cut = segments(plan)
     report, described, started = {}, [], time.perf_counter()
     for n, segment in enumerate(cut):
@@ -229,11 +228,11 @@ def run_segments(work: Path, shards: Path, url_list: Path, plan: list[MapStage |
                                 "recovered_markers": len(recovered)}
         if not todo:
             progress(f"{segment.name}: every shard done already ({len(expected)})")
-            source = previous = out
+            source = out
             continue
         fitted = None
-        if segment.fit is not None:
-            fitted = out.saved_fit(partial(_fit, segment.fit, previous, started))
+        if segment.fit is not None:  # never the first segment: the source is the previous segment's rows
+            fitted = out.saved_fit(partial(_fit, segment.fit, source, started))
         if len(todo) < len(expected):
             progress(f"{segment.name}: {len(expected) - len(todo)} of {len(expected)} shards done already; "
                      f"running the other {len(todo)}")
@@ -244,7 +243,7 @@ def run_segments(work: Path, shards: Path, url_list: Path, plan: list[MapStage |
             written = {s: len(out.files(s)) for s in missing[:3]}
             raise UserError(f"{segment.name}: {len(missing)} shards did not get all their rows written (e.g. shard "
                             f"{missing[0]}: {written[missing[0]]} files); re-run to redo them.")
-        source = previous = out
+        source = out
     for folder, schema in ((work / "records", RECORD_SCHEMA), (work / "dropped", DROPPED_SCHEMA)):
         if not any(folder.glob("*.parquet")):
             _write_whole(schema.empty_table(), folder / EMPTY)

@@ -4,7 +4,10 @@ segments after it), and publish byte for byte what an uninterrupted run publishe
 
 Real parts: a rendered sample world served over HTTP and crawled by img2dataset, a real `ray start --head`, the
 pipeline as its own process. The teacher is `infra.fake_teacher` (a real HTTP server with schema-valid,
-seeded answers and a fixed latency), so that the generate stage is slow enough to be caught half done."""
+seeded answers and a fixed latency), so that the generate stage is slow enough to be caught half done; and the
+CLIP is the sample CLIP's architecture with a wider 224-pixel image tower (seeded random weights, ~0.1 s a
+batch of 3 on one core), so that the first segment too takes long enough per shard to be caught half done:
+with the sample CLIP all 6 shards could be written within one poll of the test."""
 from __future__ import annotations
 
 import hashlib
@@ -30,11 +33,27 @@ ENGINES = {"ray": "pipelines/build_instruct.py", "beam": "pipelines/build_instru
 PUBLISHED = ("hf", "llava", "trl_sft", "trl_dpo", "llamafactory")
 
 
+def slow_clip(folder: Path) -> dict[str, Path]:
+    """A checkpoint + JSON config (clip.pretrained / clip.config_path) of an open_clip model slower per image."""
+    import open_clip
+    import torch
+
+    config = json.loads((REPO / "infra" / "clip" / "sample_clip.json").read_text())
+    config["vision_cfg"].update(image_size=224, layers=6, width=384, head_width=64)
+    paths = {"config": folder / "resume_clip.json", "weights": folder / "resume_clip.pt"}
+    paths["config"].write_text(json.dumps(config))
+    open_clip.add_model_config(str(paths["config"]))
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("resume_clip").state_dict(), paths["weights"])
+    return paths
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """18 rendered images behind a real HTTP server, a URL list of them and their COCO instances."""
+    """18 rendered images behind a real HTTP server, a URL list of them, their COCO instances and a CLIP."""
     folder = tmp_path_factory.mktemp("resume_world")
     render_world(folder, SHARDS * PER_SHARD, 0, seed=11, workers=1)
+    clip = slow_clip(folder)
     captions = json.loads((folder / "annotations" / "captions_train.json").read_text())
     images = json.loads((folder / "annotations" / "instances_train.json").read_text())["images"]
     first: dict[int, str] = {}
@@ -44,7 +63,7 @@ def world(tmp_path_factory):
         urls = [f"{server.base_url}/images/train/{image['file_name']}" for image in images]
         pq.write_table(pa.table({"url": urls, "caption": [first[image["id"]] for image in images]}),
                        folder / "urls.parquet")
-        yield {"folder": folder, "urls": urls, "teacher": teacher.base_url}
+        yield {"folder": folder, "urls": urls, "teacher": teacher.base_url, "clip": clip}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +80,8 @@ def command(engine: str, world: dict, out: Path) -> list[str]:
     folder = world["folder"]
     overrides = [f"output_root={out}", f"crawl.url_list={folder / 'urls.parquet'}", f"crawl.shard_size={PER_SHARD}",
                  "crawl.processes=1", "clip.mode=threshold", "clip.threshold=-1",  # every image reaches generate
+                 "clip.model=resume_clip", f"clip.pretrained={world['clip']['weights']}",
+                 f"clip.config_path={world['clip']['config']}", "clip.batch_size=3",
                  f"objects.annotations=[{folder / 'annotations' / 'instances_train.json'}]",
                  "eval_guard.folders=[]", "eval_guard.coco=[]", "eval_guard.crawled=[]", "evaluate.ground_truth=[]",
                  "evaluate.noise_manifest=null", "teacher.kind=openai", f"teacher.base_url={world['teacher']}",

@@ -12,6 +12,7 @@ world's noise manifest (which no stage reads).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,8 +20,14 @@ import pyarrow.parquet as pq
 
 def read_rows(directory: Path, columns: list[str] | None = None) -> list[dict]:
     """Every row of the parquet files in a run's `records/` or `dropped/` (none if it does not exist)."""
-    files = sorted(directory.glob("*.parquet")) if directory.exists() else []
-    return [r for f in files for r in pq.read_table(f, columns=columns).to_pylist()]
+    return list(iter_rows(directory, columns))
+
+
+def iter_rows(directory: Path, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[dict]:
+    """`read_rows` a batch at a time: never every row in memory."""
+    for path in sorted(directory.glob("*.parquet")) if directory.exists() else []:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+            yield from batch.to_pylist()
 
 
 def _ratio(num: int, den: int) -> float | None:

@@ -28,7 +28,15 @@ from schemas.records import ImageRecord
 PROJECTED_DIM = 32
 # Next-nearest clusters a border point is also compared with: 1 loses ~0.6% of pairs at 1M, 2 ~0.1%.
 BORDER_PROBES = 2
-BLOCK = 32_768  # rows per assignment / verification block: a [BLOCK, k] float32 score matrix
+BLOCK = 32_768  # rows per assignment block: a [BLOCK, k] float32 score matrix
+# Bytes of full embeddings gathered at once (PCA sample, projection and verification blocks): bounded in bytes, not
+# rows, since D runs from 512 to 3,328 (clip_and_patch_tokens); 32,768 rows of those were 436 MB per gather.
+GATHER_BYTES = 64 * 2**20
+
+
+def gather_rows(dim: int) -> int:
+    """Rows of `dim` float32 values in GATHER_BYTES."""
+    return max(1, GATHER_BYTES // (4 * dim))
 
 
 def load_faiss():
@@ -106,27 +114,31 @@ class NearDuplicateIndex:
         keys = _candidates(z, nearest, border, border_cluster, k, radius)  # i * n + j, i < j, sorted
         i, j = np.divmod(keys, len(rows))
         close = np.zeros(len(keys), bool)
-        for s in range(0, len(keys), BLOCK):
-            a = np.asarray(embeddings[rows[i[s:s + BLOCK]]], dtype=np.float32)
-            b = np.asarray(embeddings[rows[j[s:s + BLOCK]]], dtype=np.float32)
-            close[s:s + BLOCK] = np.einsum("nd,nd->n", a, b) >= 1.0 - self.config.eps
+        step = gather_rows(embeddings.shape[1]) // 2  # a and b
+        for s in range(0, len(keys), step):
+            a = np.asarray(embeddings[rows[i[s:s + step]]], dtype=np.float32)
+            b = np.asarray(embeddings[rows[j[s:s + step]]], dtype=np.float32)
+            close[s:s + step] = np.einsum("nd,nd->n", a, b) >= 1.0 - self.config.eps
         return list(zip(i[close].tolist(), j[close].tolist()))
 
 
 def _project(faiss, embeddings: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
     """[n, dim] PCA projection of embeddings[rows], computed block by block. Any orthonormal projection
-    is safe; PCA only keeps the candidates few, and a 20k sample is enough to find its top directions."""
+    is safe; PCA only keeps the candidates few, and a sample of 5k-20k rows is enough to find its top directions."""
     def block(positions: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(embeddings[rows[positions]], dtype=np.float32)
 
     if dim == embeddings.shape[1]:
         return block(np.arange(len(rows)))
     pca = faiss.PCAMatrix(embeddings.shape[1], dim)
-    sample = np.random.default_rng(1234).choice(len(rows), min(len(rows), 20_000), replace=False)
+    step = gather_rows(embeddings.shape[1])
+    # At least D rows (FAISS then trains on the D x D covariance), at most 20k, in about GATHER_BYTES.
+    size = min(len(rows), 20_000, max(step, embeddings.shape[1]))
+    sample = np.random.default_rng(1234).choice(len(rows), size, replace=False)
     pca.train(block(np.sort(sample)))
     z = np.empty((len(rows), dim), np.float32)
-    for s in range(0, len(rows), BLOCK):
-        z[s:s + BLOCK] = pca.apply(block(np.arange(s, min(s + BLOCK, len(rows)))))
+    for s in range(0, len(rows), step):
+        z[s:s + step] = pca.apply(block(np.arange(s, min(s + step, len(rows)))))
     return z
 
 

@@ -69,11 +69,11 @@ def crawl(config: CrawlConfig, url_list: Path, shards_dir: Path, distributor: st
             passes = recrawl_passes(shards_dir)
             if passes and not _finished(passes[-1]):  # an interrupted re-crawl resumes first
                 download(**img2dataset_arguments(config, passes[-1] / "urls.parquet", passes[-1], distributor))
-            transient = [row for row in latest_attempts(shards_dir).values() if _is_transient(row)]
+            transient = transient_rows(shards_dir)
             if transient:
                 target = shards_dir / f"{RECRAWL}{len(passes) + 1}"
                 target.mkdir()
-                table = pa.Table.from_pylist([{k: row[k] for k in ("uid", "url", "caption")} for row in transient])
+                table = pa.Table.from_pylist(transient)
                 pq.write_table(table, target / "urls.parquet", row_group_size=config.shard_size)
                 print(f"re-crawling {len(transient)} rows whose last failure was transient into {target.name}/", flush=True)
                 download(**img2dataset_arguments(config, target / "urls.parquet", target, distributor))
@@ -95,28 +95,48 @@ def _is_transient(row: dict) -> bool:
 
 def _status_rows(directory: Path) -> list[dict]:
     rows = []
-    for path in sorted(directory.glob("*.parquet")):
-        if path.name != "urls.parquet":
-            rows += [dict(row, _shard=path.with_suffix("")) for row in pq.read_table(path).to_pylist()]
+    for path in _status_files(directory):
+        rows += [dict(row, _shard=path.with_suffix("")) for row in pq.read_table(path).to_pylist()]
     return rows
 
 
-def latest_attempts(shards_dir: Path) -> dict[str, dict]:
-    """uid -> img2dataset's status row of its latest attempt (`_shard`: the shard file's stem holding it)."""
-    latest = {}
+def _status_files(directory: Path) -> list[Path]:
+    return [path for path in sorted(directory.glob("*.parquet")) if path.name != "urls.parquet"]
+
+
+def _status_batches(directory: Path, columns: list[str]):
+    """img2dataset's status rows of one pass as dicts of `columns`, a record batch at a time."""
+    for path in _status_files(directory):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns):
+            yield batch.to_pylist()
+
+
+def transient_rows(shards_dir: Path) -> list[dict]:
+    """{uid, url, caption} of the rows whose latest attempt failed transiently, pass by pass (a later attempt
+    of a row replaces the earlier one); only those rows are held, never every row's status."""
+    latest: dict[str, dict] = {}
     for directory in [shards_dir, *recrawl_passes(shards_dir)]:
-        latest.update({row["uid"]: row for row in _status_rows(directory)})
-    return latest
+        for rows in _status_batches(directory, ["uid", "url", "caption", "status", "error_message"]):
+            for row in rows:
+                if _is_transient(row):
+                    latest[row["uid"]] = {k: row[k] for k in ("uid", "url", "caption")}
+                else:
+                    latest.pop(row["uid"], None)
+    return list(latest.values())
 
 
 def crawl_passes(shards_dir: Path) -> list[dict]:
-    """Every attempt, pass by pass, for the manifest: URLs tried, successes, failure reasons."""
+    """Every attempt, pass by pass, for the manifest: URLs tried, successes, failure reasons (in one streamed
+    pass over the status files)."""
     passes = []
     for directory in [shards_dir, *recrawl_passes(shards_dir)]:
-        rows = _status_rows(directory)
-        reasons = Counter(reason_kind(classify_download_error(r["error_message"])) for r in rows if r["status"] != "success")
-        passes.append({"pass": "crawl" if directory == shards_dir else directory.name, "urls": len(rows),
-                       "success": sum(r["status"] == "success" for r in rows), "reasons": dict(sorted(reasons.items()))})
+        urls, success, reasons = 0, 0, Counter()
+        for rows in _status_batches(directory, ["status", "error_message"]):
+            urls += len(rows)
+            success += sum(r["status"] == "success" for r in rows)
+            reasons.update(reason_kind(classify_download_error(r["error_message"])) for r in rows if r["status"] != "success")
+        passes.append({"pass": "crawl" if directory == shards_dir else directory.name, "urls": urls,
+                       "success": success, "reasons": dict(sorted(reasons.items()))})
     return passes
 
 

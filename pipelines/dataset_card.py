@@ -11,17 +11,19 @@ import os
 import re
 import textwrap
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
 
-from evals.noise_eval import read_rows
+from evals.noise_eval import iter_rows
 
 _SECRET_PARTS = {"key", "apikey", "token", "password", "passwd", "secret", "credential", "credentials"}
 # OpenAI / Hugging Face / GitHub tokens, and user:password@ in URLs.
 _SECRET_VALUE = re.compile(r"\b(?:sk-[\w-]{8,}|hf_\w{8,}|gh[pousr]_\w{8,})|(?<=://)[^/\s:@]+:[^/\s@]+@")
 REDACTED = "[redacted]"
+_BETWEEN_ITEMS = re.compile(r"[\s,]*")  # whitespace and the commas between a JSON list's items
 GRID, CELL, TEXT_H = 3, 200, 96  # 3x3 thumbnails of 200 px, with 96 px of question/answer under each
 
 
@@ -101,12 +103,62 @@ def flatten(tree, prefix: str = "") -> list[list]:
     return [[prefix.rstrip("."), tree]]
 
 
-def llava_entries(run_dir: Path) -> list[dict]:
-    entries = []
+def llava_entries(run_dir: Path) -> Iterator[dict]:
+    """The entries of llava/train.json, then validation.json, one at a time."""
     for split in ("train", "validation"):
         path = run_dir / "llava" / f"{split}.json"
-        entries += json.loads(path.read_text()) if path.is_file() else []
-    return entries
+        if path.is_file():
+            yield from iter_json_list(path)
+
+
+def iter_json_list(path: Path, chunk: int = 1 << 20) -> Iterator:
+    """The items of a JSON list file, decoded one at a time from a window of the file (never the whole list)."""
+    decoder, eof = json.JSONDecoder(), False
+    with path.open() as file:
+        buffer = file.read(chunk).lstrip()
+        if not buffer.startswith("["):
+            raise ValueError(f"{path} does not hold a JSON list")
+        pos = 1
+        while True:
+            pos = _BETWEEN_ITEMS.match(buffer, pos).end()
+            if pos < len(buffer) and buffer[pos] == "]":
+                return
+            if pos < len(buffer):
+                try:
+                    item, end = decoder.raw_decode(buffer, pos)
+                    if end < len(buffer) or eof:  # an item that ends the window may go on in the file
+                        yield item
+                        pos = end
+                        continue
+                except json.JSONDecodeError:
+                    if eof:
+                        raise
+            elif eof:
+                raise ValueError(f"{path} ends inside its JSON list")
+            more = file.read(chunk)
+            eof = not more
+            buffer, pos = buffer[pos:] + more, 0
+
+
+def pick_examples(run_dir: Path, n: int = 3) -> tuple[list[dict], list[dict]]:
+    """(the grid's entries, the card's example conversations) from two streamed passes over llava/: the grid
+    shows each image's first entry, images in the order of their last entry, GRID x GRID of them; the
+    examples are the first entry of each type (by id suffix, types in the order of their last entry), then
+    the first other entries until there are n."""
+    first_of_image, last_of_image, first_of_type, last_of_type, head = {}, {}, {}, {}, []
+    for i, entry in enumerate(llava_entries(run_dir)):
+        first_of_image.setdefault(entry["image"], i)
+        last_of_image[entry["image"]] = i
+        kind = entry["id"].rsplit("-", 1)[-1]
+        first_of_type.setdefault(kind, entry)
+        last_of_type[kind] = i
+        if len(head) < 2 * n:  # the examples after the first of each type come from these
+            head.append(entry)
+    picked = [first_of_type[kind] for kind in sorted(last_of_type, key=last_of_type.get)][:n]
+    picked += [e for e in head if e not in picked][: n - len(picked)]
+    wanted = {first_of_image[image] for image in sorted(last_of_image, key=last_of_image.get)[: GRID * GRID]}
+    grid = [entry for i, entry in enumerate(llava_entries(run_dir)) if i in wanted] if wanted else []
+    return sorted(grid, key=lambda e: last_of_image[e["image"]]), picked
 
 
 def _question_answer(entry: dict) -> tuple[str, str]:
@@ -116,11 +168,10 @@ def _question_answer(entry: dict) -> tuple[str, str]:
     return question, answer
 
 
-def write_example_grid(run_dir: Path, entries: list[dict], out: Path) -> Path:
-    """Up to 3x3 images, each with its first record's first question and answer under it."""
+def write_example_grid(run_dir: Path, firsts: list[dict], out: Path) -> Path:
+    """Up to 3x3 images (`pick_examples`), each with its first record's first question and answer under it."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-    firsts = list({e["image"]: e for e in reversed(entries)}.values())[::-1][: GRID * GRID]
     rows = max(1, -(-len(firsts) // GRID))
     canvas = Image.new("RGB", (GRID * CELL, rows * (CELL + TEXT_H)), "white")
     try:
@@ -141,10 +192,8 @@ def write_example_grid(run_dir: Path, entries: list[dict], out: Path) -> Path:
     return out
 
 
-def example_conversations(entries: list[dict], n: int = 3) -> str:
-    """One example of each type first (by id), then more until there are n."""
-    picked = list({e["id"].rsplit("-", 1)[-1]: e for e in reversed(entries)}.values())[::-1][:n]
-    picked += [e for e in entries if e not in picked][: n - len(picked)]
+def example_conversations(picked: list[dict]) -> str:
+    """The picked entries' turns (`pick_examples`)."""
     blocks = []
     for e in picked:
         turns = "\n".join(f"{t['from']}: {t['value']}" for t in e["conversations"])
@@ -152,17 +201,23 @@ def example_conversations(entries: list[dict], n: int = 3) -> str:
     return "\n\n".join(blocks)
 
 
-def read_kept(records_dir: Path) -> list[dict]:
-    """CLIP score and rejected turns of every kept image (the image bytes are not read)."""
+def kept_summary(records_dir: Path) -> tuple[int, list[float], Counter]:
+    """Kept images, their CLIP scores, and the turns the grounding verifier removed by (record type, reason kind:
+    `absent:dog` -> `absent`), in one streamed pass over the records (the image bytes are not read)."""
     files = sorted(records_dir.glob("*.parquet")) if records_dir.exists() else []
     names = pq.read_schema(files[0]).names if files else []
-    return read_rows(records_dir, [c for c in ("clip_score", "rejected_turns") if c in names])
+    kept, scores, removed = 0, [], Counter()
+    for row in iter_rows(records_dir, [c for c in ("clip_score", "rejected_turns") if c in names]):
+        kept += 1
+        if row.get("clip_score") is not None:
+            scores.append(row["clip_score"])
+        removed.update((turn.get("type", "?"), str(turn.get("reason", "?")).partition(":")[0])
+                       for turn in json.loads(row.get("rejected_turns") or "[]"))
+    return kept, scores, removed
 
 
-def rejection_table(kept: list[dict]) -> str:
-    """Turns the grounding verifier removed, by record type and reason kind (`absent:dog` -> `absent`)."""
-    counts = Counter((turn.get("type", "?"), str(turn.get("reason", "?")).partition(":")[0])
-                     for row in kept for turn in json.loads(row.get("rejected_turns") or "[]"))
+def rejection_table(counts: Counter) -> str:
+    """Turns the grounding verifier removed, by record type and reason kind."""
     if not counts:
         return "The grounding verifier removed no turns."
     return table(["type", "reason", "turns removed"], [[t, r, n] for (t, r), n in sorted(counts.items())])
@@ -195,10 +250,9 @@ def exports_section(publish_counts: dict) -> list[str]:
 
 def write_dataset_card(run_dir: Path, manifest: dict, publish_counts: dict) -> Path:
     run_dir = Path(run_dir)
-    entries = llava_entries(run_dir)
-    write_example_grid(run_dir, entries, run_dir / "examples.png")
-    kept = read_kept(run_dir / "records")
-    scores = [r["clip_score"] for r in kept if r.get("clip_score") is not None]
+    grid, examples = pick_examples(run_dir)
+    write_example_grid(run_dir, grid, run_dir / "examples.png")
+    kept, scores, removed = kept_summary(run_dir / "records")
     splits = [s for s in ("train", "validation") if s in publish_counts]
     total = sum(publish_counts[s]["records"] for s in splits)
     images = sum(publish_counts[s]["images"] for s in splits)
@@ -218,10 +272,10 @@ def write_dataset_card(run_dir: Path, manifest: dict, publish_counts: dict) -> P
         "## Splits",
         table(["split", "records", "images"], [[s, publish_counts[s]["records"], publish_counts[s]["images"]] for s in splits]),
         table(["type", "records"], [[t, n] for t, n in publish_counts.get("by_type", {}).items()]),
-        f"{len(kept) - images} of {len(kept)} kept images have no record (none generated, or every turn rejected).",
+        f"{kept - images} of {kept} kept images have no record (none generated, or every turn rejected).",
         *exports_section(publish_counts),
         "### Turns removed by the grounding verifier",
-        rejection_table(kept),
+        rejection_table(removed),
         "## How the images were filtered",
         f"{counts.get('input_urls', '?')} URLs in, {counts.get('kept', '?')} images kept, {counts.get('dropped', '?')} dropped.",
         table(["stage", "in", "kept", "dropped", "drop reasons"], stages),
@@ -235,7 +289,7 @@ def write_dataset_card(run_dir: Path, manifest: dict, publish_counts: dict) -> P
                            ("Noise evaluation", counts.get("noise_eval"))):
         if figures:
             parts += [f"## {title}", table(["figure", "value"], flatten(figures))]
-    parts += ["## Examples", "![examples](examples.png)", example_conversations(entries),
+    parts += ["## Examples", "![examples](examples.png)", example_conversations(examples),
               "## Configuration", "```yaml\n" + yaml.safe_dump(redact(manifest.get("config", {})), sort_keys=False) + "```"]
     path = run_dir / "README.md"
     path.write_text(scrub("\n\n".join(parts) + "\n", manifest))

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from schemas.records import IMAGE_TOKEN
 
@@ -113,7 +113,7 @@ def _features(kind: str):
                               "prompt": [message], "chosen": [message], "rejected": [message]})
 
 
-def save_splits(rows_by_split: dict[str, list[dict]], features, out: Path, fill: Callable[[dict], dict],
+def save_splits(rows_by_split: dict[str, Iterable[dict]], features, out: Path, fill: Callable[[dict], dict],
                 shape: Callable[[dict], list[dict]] = lambda row: [row]) -> dict[str, int]:
     """`out` as a DatasetDict (save_to_disk) of the rows `shape` makes of each published row (the row itself, a
     TRL message row, a record's preference pairs); returns rows per split. Each split goes through datasets'
@@ -130,10 +130,8 @@ def save_splits(rows_by_split: dict[str, list[dict]], features, out: Path, fill:
             if not any(shape(row) for row in rows):  # the generator path cannot build an empty split
                 splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
                 continue
-            ids = json.dumps([out.name, split, [r["id"] for r in rows]]).encode()
             splits[split] = datasets.Dataset.from_generator(
-                _filled, features=features, cache_dir=cache, split=split,
-                fingerprint=hashlib.sha256(ids).hexdigest()[:16],
+                _filled, features=features, cache_dir=cache, split=split, fingerprint=_fingerprint(out.name, split, rows),
                 gen_kwargs={"rows": rows, "fill": fill, "shape": shape, "names": tuple(features)})  # one list: rows
         # save_to_disk holds about a shard's worth of memory while it writes one: shards of SHARD_BYTES, not
         # datasets' default 500 MB, keep that small whatever the split's size (bench/publish.py); an empty
@@ -141,6 +139,25 @@ def save_splits(rows_by_split: dict[str, list[dict]], features, out: Path, fill:
         shards = {split: max(1, math.ceil(ds.data.nbytes / SHARD_BYTES)) for split, ds in splits.items()}
         datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=shards)
     return {split: len(ds) for split, ds in splits.items()}
+
+
+def _fingerprint(name: str, split: str, rows: Iterable[dict]) -> str:
+    """sha256 of json.dumps([name, split, [every row's id]]), hashed an id at a time."""
+    digest = hashlib.sha256(json.dumps([name, split])[:-1].encode() + b", [")
+    for i, row in enumerate(rows):
+        digest.update((", " if i else "").encode() + json.dumps(row["id"]).encode())
+    digest.update(b"]]")
+    return digest.hexdigest()[:16]
+
+
+def write_json_list(path: Path, entries: Iterable[dict]) -> None:
+    """The bytes of json.dumps(list(entries), indent=1, ensure_ascii=False) + "\n", written an entry at a time."""
+    with path.open("w") as file:
+        written = False
+        for entry in entries:
+            file.write(("," if written else "[") + "\n " + json.dumps(entry, indent=1, ensure_ascii=False).replace("\n", "\n "))
+            written = True
+        file.write("\n]\n" if written else "[]\n")
 
 
 def _filled(rows: list[dict], fill: Callable[[dict], dict], shape: Callable[[dict], list[dict]], names: tuple[str, ...]):
@@ -156,37 +173,31 @@ def llamafactory_entry(split: str) -> dict:
             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
 
 
-def write_exports(run_dir: Path, rows_by_split: dict[str, list[dict]], image_paths: dict[str, str],
-                  extras: dict[str, dict], image: Callable[[str], dict]) -> dict:
-    """Writes the three exports; `image_paths`: uid -> the image's path under llava/, `extras`: uid -> {probes,
-    rejected_turns} of its record, `image`: uid -> the HF image value (read when its row is written). Returns
-    rows per export and split, and pairs per source."""
+def write_exports(run_dir: Path, rows_by_split: dict[str, Iterable[dict]], image_paths: dict[str, str],
+                  image: Callable[[str], dict], unpaired: int) -> dict:
+    """Writes the three exports from the published rows (each a `negatives` row's `probes` and `rejected_turns`
+    beside it); `image_paths`: uid -> the image's path under llava/, `image`: uid -> the HF image value (read when
+    its row is written), `unpaired`: rejected turns that make no pair (counted by the caller). Returns rows per
+    export and split, and pairs per source."""
     def sft_row(row: dict) -> list[dict]:
         return [{"id": row["id"], "uid": row["uid"], "messages": sft_messages(row["conversations"]), "type": row["type"]}]
 
     def pairs(row: dict) -> list[dict]:
-        extra = extras.get(row["uid"], {})
-        return dpo_pairs(row, json.loads(extra.get("probes") or "[]"), json.loads(extra.get("rejected_turns") or "[]"))
+        return dpo_pairs(row, json.loads(row.get("probes") or "[]"), json.loads(row.get("rejected_turns") or "[]"))
 
-    sources = Counter(p["source"] for rows in rows_by_split.values() for r in rows for p in pairs(r))
-    unpaired = sum(t["type"] != "negatives" for extra in extras.values()
-                   for t in json.loads(extra.get("rejected_turns") or "[]"))
     with_image = lambda row: {**row, "images": [image(row["uid"])]}  # noqa: E731
     sft = save_splits(rows_by_split, _features("trl_sft"), run_dir / "trl_sft", with_image, sft_row)
     dpo = save_splits(rows_by_split, _features("trl_dpo"), run_dir / "trl_dpo", with_image, pairs)
+    sources = Counter(p["source"] for rows in rows_by_split.values() for r in rows for p in pairs(r))
 
     folder = run_dir / "llamafactory"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     info = {}
     for split, rows in rows_by_split.items():
-        with (folder / f"{split}.json").open("w") as file:  # json.dumps(entries, indent=1), an entry at a time
-            file.write("[" if rows else "[]")
-            for i, r in enumerate(rows):
-                entry = {"messages": [{"role": ROLE[t["from"]], "content": t["value"]} for t in r["conversations"]],
-                         "images": [f"../llava/{image_paths[r['uid']]}"]}
-                file.write(("," if i else "") + "\n " + json.dumps(entry, indent=1, ensure_ascii=False).replace("\n", "\n "))
-            file.write("\n]\n" if rows else "\n")
+        write_json_list(folder / f"{split}.json", ({
+            "messages": [{"role": ROLE[t["from"]], "content": t["value"]} for t in r["conversations"]],
+            "images": [f"../llava/{image_paths[r['uid']]}"]} for r in rows))
         info[f"visinstruct_{split}"] = llamafactory_entry(split)
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=1) + "\n")
     return {"trl_sft": sft, "trl_dpo": dpo,

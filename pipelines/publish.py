@@ -24,15 +24,17 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import time
 import typing
-from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from evals.noise_eval import read_rows
-from pipelines.exports import save_splits, write_exports
+from evals.noise_eval import iter_rows
+from pipelines.exports import save_splits, write_exports, write_json_list
 from schemas.errors import UserError
 from schemas.records import PublishedRow, stored_type
 
@@ -90,28 +92,73 @@ def record_files(records_dir: Path) -> list[Path]:
     return files
 
 
-def instruction_rows(records_dir: Path) -> list[dict]:
-    """One row per LLaVA record of every kept image, sorted by id, without the image bytes (written to
-    llava/images by `write_images` and read back per row); images with no record are left out. The caller
-    checks the shards first (`record_files`)."""
-    rows = []
-    for record in read_rows(records_dir, [c for c in RECORD_COLUMNS if c != "image"]):
-        for llava in json.loads(record["instructions"] or "[]"):
-            rows.append({
-                "id": llava["id"],
-                "conversations": [{"from": t["from"], "value": t["value"]} for t in llava["conversations"]],
-                "type": llava["type"],
-                "uid": record["uid"],
-                "caption": record["caption"],
-                "clip_score": record["clip_score"],
-                "objects": record["objects"] or "[]",
-                "provenance": json.dumps(llava.get("provenance", {}), sort_keys=True, ensure_ascii=False),
-            })
-    rows.sort(key=lambda r: r["id"])
-    repeated = [a["id"] for a, b in zip(rows, rows[1:]) if a["id"] == b["id"]]
-    if repeated:  # two records with one id would make the order (and LLaVA's ids) ambiguous
-        raise ValueError(f"record id {repeated[0]!r} occurs more than once in {records_dir}")
-    return rows
+# One row per LLaVA record, as publishing stages them: the published columns, the record's split, its turns as
+# JSON, and the probes / rejected turns its preference pairs are made of (`negatives` rows only).
+STAGED = pa.schema([("id", pa.string()), ("split", pa.string()), ("uid", pa.string()), ("type", pa.string()),
+                    ("caption", pa.string()), ("clip_score", pa.float64()), ("objects", pa.string()),
+                    ("provenance", pa.string()), ("conversations", pa.string()), ("probes", pa.string()),
+                    ("rejected_turns", pa.string())])
+CHUNK = 1024
+
+
+class SplitRows:
+    """The published rows of one split in id order, read from the staged rows a chunk at a time (memory-mapped
+    Arrow: the rows are never all Python objects at once). Iterable any number of times; `len` is its rows."""
+
+    def __init__(self, table: pa.Table, order: pa.Array):
+        self.table, self.order = table, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        for start in range(0, len(self.order), CHUNK):
+            for row in self.table.take(self.order[start:start + CHUNK]).to_pylist():
+                row["conversations"] = json.loads(row["conversations"])
+                yield row
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self.table.column(name).take(self.order)
+
+
+def stage_rows(records_dir: Path, path: Path, seed: int, validation_fraction: float) -> int:
+    """Every LLaVA record of every kept image as a row of `STAGED`, written to the Arrow file `path` a chunk at a
+    time (images with no record are left out; no image bytes); returns the rejected turns of records that are
+    not `negatives` (they make no preference pair). The caller checks the shards first (`record_files`)."""
+    names = pq.read_schema(record_files(records_dir)[0]).names
+    extra = [c for c in ("probes", "rejected_turns") if c in names]
+    rows, unpaired = [], 0
+    with pa.ipc.new_file(str(path), STAGED) as writer:
+        for record in iter_rows(records_dir, [c for c in RECORD_COLUMNS if c != "image"] + extra):
+            rejected = json.loads(record.get("rejected_turns") or "[]")
+            unpaired += sum(turn["type"] != "negatives" for turn in rejected)
+            for llava in json.loads(record["instructions"] or "[]"):
+                negatives = llava["type"] == "negatives"
+                rows.append({
+                    "id": llava["id"], "split": split_of(record["uid"], seed, validation_fraction),
+                    "uid": record["uid"], "type": llava["type"], "caption": record["caption"],
+                    "clip_score": record["clip_score"], "objects": record["objects"] or "[]",
+                    "provenance": json.dumps(llava.get("provenance", {}), sort_keys=True, ensure_ascii=False),
+                    "conversations": json.dumps([{"from": t["from"], "value": t["value"]} for t in llava["conversations"]]),
+                    "probes": record.get("probes") if negatives else None,
+                    "rejected_turns": record.get("rejected_turns") if negatives else None})
+            if len(rows) >= CHUNK:
+                writer.write_batch(pa.RecordBatch.from_pylist(rows, STAGED))
+                rows = []
+        writer.write_batch(pa.RecordBatch.from_pylist(rows, STAGED))
+    return unpaired
+
+
+def rows_by_split(table: pa.Table, records_dir: Path) -> dict[str, SplitRows]:
+    """The staged rows of each split, sorted by id (so the same records give byte-identical files however the
+    record shards were cut); the sort and the checks run on the id column alone."""
+    order = pc.sort_indices(table, [("id", "ascending")])
+    ids = table.column("id").take(order)
+    repeated = pc.filter(ids[1:], pc.equal(ids[1:], ids[:-1])) if len(ids) > 1 else []
+    if len(repeated):  # two records with one id would make the order (and LLaVA's ids) ambiguous
+        raise ValueError(f"record id {repeated[0].as_py()!r} occurs more than once in {records_dir}")
+    split = table.column("split").take(order)
+    return {name: SplitRows(table, order.filter(pc.equal(split, name))) for name in SPLITS}
 
 
 def write_images(files: list[Path], uids: set[str], out: Path) -> dict[str, str]:
@@ -130,38 +177,41 @@ def write_images(files: list[Path], uids: set[str], out: Path) -> dict[str, str]
     return names
 
 
-def write_llava(rows_by_split: dict[str, list[dict]], out: Path, names: dict[str, str]) -> None:
+def write_llava(rows_by_split: dict[str, SplitRows], out: Path, names: dict[str, str]) -> None:
     """llava/{split}.json next to the images `write_images` put there."""
     for split, rows in rows_by_split.items():
-        entries = [{"id": row["id"], "image": names[row["uid"]], "conversations": row["conversations"],
-                    "provenance": row["provenance"]} for row in rows]  # extra keys are ignored by LLaVA's loader
-        (out / f"{split}.json").write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+        write_json_list(out / f"{split}.json", ({"id": row["id"], "image": names[row["uid"]], "conversations":
+                                                 row["conversations"], "provenance": row["provenance"]}
+                                                for row in rows))  # extra keys are ignored by LLaVA's loader
 
 
 def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int = 0) -> dict:
     """Writes `run_dir/llava`, `run_dir/hf` and the exports from `run_dir/records`; returns records and images
-    per split and records per type. Images go from the record shards to llava/images in one streamed pass;
-    every dataset then reads each image from there as its row is written."""
+    per split and records per type. The records are read once into staged rows (a scratch Arrow file, removed
+    after), images go from the record shards to llava/images in one streamed pass, and every dataset then reads
+    its rows a chunk at a time in id order, and each image from llava/images as its row is written."""
     run_dir = Path(run_dir)
     files = record_files(run_dir / "records")
-    rows = instruction_rows(run_dir / "records")
-    rows_by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    for row in rows:
-        rows_by_split[split_of(row["uid"], seed, validation_fraction)].append(row)
-    llava = run_dir / "llava"
-    image_paths = write_images(files, {r["uid"] for r in rows}, llava)
-    write_llava(rows_by_split, llava, image_paths)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".publish-") as scratch:
+        staged = Path(scratch) / "rows.arrow"
+        unpaired = stage_rows(run_dir / "records", staged, seed, validation_fraction)
+        with pa.memory_map(str(staged)) as source:
+            table = pa.ipc.open_file(source).read_all()
+            splits = rows_by_split(table, run_dir / "records")
+            llava = run_dir / "llava"
+            image_paths = write_images(files, set(table.column("uid").to_pylist()), llava)
+            write_llava(splits, llava, image_paths)
 
-    def image(uid: str) -> dict:
-        return {"bytes": (llava / image_paths[uid]).read_bytes(), "path": None}
+            def image(uid: str) -> dict:
+                return {"bytes": (llava / image_paths[uid]).read_bytes(), "path": None}
 
-    save_splits(rows_by_split, hf_features(), run_dir / "hf", lambda row: {**row, "image": image(row["uid"])})
-    counts: dict = {split: {"records": len(r), "images": len({x["uid"] for x in r})} for split, r in rows_by_split.items()}
-    counts["by_type"] = dict(sorted(Counter(r["type"] for r in rows).items()))
-    names = pq.read_schema(files[0]).names
-    extras = {r["uid"]: r for r in read_rows(run_dir / "records", ["uid"] + [c for c in ("probes", "rejected_turns")
-                                                                          if c in names])}
-    counts["exports"] = write_exports(run_dir, rows_by_split, image_paths, extras, image)
+            save_splits(splits, hf_features(), run_dir / "hf", lambda row: {**row, "image": image(row["uid"])})
+            counts: dict = {split: {"records": len(rows), "images": pc.count_distinct(rows.column("uid")).as_py()}
+                            for split, rows in splits.items()}
+            types = pc.value_counts(table.column("type")).to_pylist()
+            counts["by_type"] = dict(sorted((t["values"], t["counts"]) for t in types))
+            counts["exports"] = write_exports(run_dir, splits, image_paths, image, unpaired)
+            del table, splits  # the memory map closes with no array left on it
     return counts
 
 

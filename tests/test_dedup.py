@@ -77,3 +77,18 @@ def test_fit_reads_float32_bytes_embeddings_from_arrow_slices():
     assert fit_dedup(config, table) == {"u4": "near_duplicate_of:u2"}
     assert fit_dedup(config, table.slice(1, 4)) == {"u4": "near_duplicate_of:u2"}
     assert fit_dedup(config, table.slice(3, 3)) == {} and fit_dedup(config, table.slice(0, 0)) == {}
+
+
+def test_the_clustered_path_finds_the_same_copies_however_few_rows_it_gathers_at_once(monkeypatch):
+    """The PCA sample, the projection and the verification gather at most GATHER_BYTES of full embeddings at a
+    time (3,328-d embeddings made 32,768-row blocks 436 MB each): blocks of a few rows give the same verdicts."""
+    import filters.dedup as dedup
+
+    e, _ = planted(3000, 60)
+    uids = [f"u{i:05d}" for i in range(len(e))]
+    scores = np.random.default_rng(3).random(len(e))
+    config = DedupConfig(eps=0.01, exact_search_max=500)
+    whole = NearDuplicateIndex(config).fit(uids, e, scores, [None] * len(e))
+    monkeypatch.setattr(dedup, "GATHER_BYTES", 4 * e.shape[1] * 7)  # 7 rows at a time
+    assert dedup.gather_rows(e.shape[1]) == 7
+    assert NearDuplicateIndex(config).fit(uids, e, scores, [None] * len(e)) == whole and len(whole) >= 55

@@ -219,3 +219,24 @@ def test_card_holds_no_secret(tmp_path, published, monkeypatch):
     for secret in (FAKE_KEY, FAKE_HF, "hunter2pass", "sk-test"):
         assert secret not in card
     assert "api_key_env: OPENAI_API_KEY" in card and "max_tokens: 256" in card  # names of variables are fine
+
+
+def test_the_card_reads_a_llava_json_list_an_item_at_a_time_whatever_the_window(tmp_path):
+    """The card reads llava/*.json through `iter_json_list` (never the whole list at once): the items of what
+    publishing writes (`write_json_list`), whatever the window cuts, including strings that hold the list's own
+    punctuation; an empty list; and a list cut short is an error, not a shorter list."""
+    from pipelines.dataset_card import iter_json_list
+    from pipelines.exports import write_json_list
+
+    entries = [{"id": f"{i:04d}-negatives", "conversations": [{"from": "gpt", "value": 'No, ], [ { "' + str(i) + '" é'}],
+                "n": i * 1.5} for i in range(40)]
+    path = tmp_path / "train.json"
+    write_json_list(path, iter(entries))
+    assert path.read_text() == json.dumps(entries, indent=1, ensure_ascii=False) + "\n"
+    for window in (1, 7, 64, 1 << 20):
+        assert list(iter_json_list(path, chunk=window)) == entries, window
+    write_json_list(tmp_path / "empty.json", iter([]))
+    assert (tmp_path / "empty.json").read_text() == "[]\n" and list(iter_json_list(tmp_path / "empty.json", 1)) == []
+    (tmp_path / "cut.json").write_text(path.read_text()[:-200])
+    with pytest.raises(ValueError):
+        list(iter_json_list(tmp_path / "cut.json", chunk=64))

@@ -124,6 +124,8 @@ def save_splits(rows_by_split: dict[str, Iterable[dict]], features, out: Path, f
     import datasets
 
     shutil.rmtree(out, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}-build-*"):  # left by a publish that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     splits = {}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-build-") as cache:
         for split, rows in rows_by_split.items():

@@ -29,6 +29,7 @@ import time
 import typing
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -103,17 +104,30 @@ CHUNK = 1024
 
 class SplitRows:
     """The published rows of one split in id order, read from the staged rows a chunk at a time (memory-mapped
-    Arrow: the rows are never all Python objects at once). Iterable any number of times; `len` is its rows."""
+    Arrow: the rows are never all Python objects at once). Iterable any number of times; `len` is its rows.
+    Rows are gathered from each staged record batch on its own: a take on the whole (chunked) table would
+    first concatenate every column, a copy of all the rows for each chunk."""
 
     def __init__(self, table: pa.Table, order: pa.Array):
         self.table, self.order = table, order
+        self.batches = table.to_batches()
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __iter__(self):
-        for start in range(0, len(self.order), CHUNK):
-            for row in self.table.take(self.order[start:start + CHUNK]).to_pylist():
+        order = self.order.to_numpy().astype(np.int64)
+        for start in range(0, len(order), CHUNK):
+            wanted = order[start:start + CHUNK]
+            batch_of = np.searchsorted(self.starts, wanted, side="right") - 1
+            rows: list = [None] * len(wanted)
+            for b in np.unique(batch_of):
+                at = np.flatnonzero(batch_of == b)
+                taken = self.batches[b].take(pa.array(wanted[at] - self.starts[b])).to_pylist()
+                for position, row in zip(at.tolist(), taken):
+                    rows[position] = row
+            for row in rows:
                 row["conversations"] = json.loads(row["conversations"])
                 yield row
 
@@ -168,7 +182,7 @@ def write_images(files: list[Path], uids: set[str], out: Path) -> dict[str, str]
     (out / "images").mkdir(parents=True)
     names: dict[str, str] = {}
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=["uid", "image"]):
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=64, columns=["uid", "image"]):
             for uid, image in zip(batch.column("uid").to_pylist(), batch.column("image")):
                 if uid in uids and uid not in names:
                     data = image.as_py()
@@ -192,6 +206,8 @@ def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int 
     its rows a chunk at a time in id order, and each image from llava/images as its row is written."""
     run_dir = Path(run_dir)
     files = record_files(run_dir / "records")
+    for stale in run_dir.glob(".publish-*"):  # left by a publish that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".publish-") as scratch:
         staged = Path(scratch) / "rows.arrow"
         unpaired = stage_rows(run_dir / "records", staged, seed, validation_fraction)

@@ -138,10 +138,18 @@ def test_llava_export(published):
 
 
 def test_republish_is_byte_identical(tmp_path, published):
-    other = write_run(tmp_path / "again", list(reversed(records())), shards=3)  # other shard cut and order
+    """Other shard cut and row order, and the scratch folders a killed publish leaves behind: the same bytes,
+    and no scratch folder left in the version."""
+    other = write_run(tmp_path / "again", list(reversed(records())), shards=3)
+    for scratch in (".publish-killed", ".hf-build-killed", ".trl_dpo-build-killed"):
+        (other / scratch).mkdir()
+        (other / scratch / "rows.arrow").write_bytes(b"half written")
     publish_dataset(other, validation_fraction=0.3, seed=0)
+    assert sorted(p.name for p in other.iterdir() if p.name.startswith(".")) == []
     first = published[0]
-    files = sorted(p.relative_to(first) for p in [*(first / "hf").rglob("*"), *(first / "llava").rglob("*")] if p.is_file())
+    files = sorted(p.relative_to(first) for p in [*(first / "hf").rglob("*"), *(first / "llava").rglob("*"),
+                                                  *(first / "trl_sft").rglob("*"), *(first / "trl_dpo").rglob("*"),
+                                                  *(first / "llamafactory").rglob("*")] if p.is_file())
     assert any(f.suffix == ".arrow" for f in files)
     for f in files:  # state.json too: datasets fingerprints in-memory data by content, not at random
         assert (first / f).read_bytes() == (other / f).read_bytes(), f

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from evals.noise_eval import read_rows
+from evals.noise_eval import iter_rows
 from filters.grounding import mentions
 from filters.yes_no import answer_to_label
 from schemas.coco import load_coco_instances, url_file_name
@@ -48,7 +51,7 @@ def _truth(probe: dict, gt: list) -> str:
     return "yes" if (centre < 0.5) == (asked == "left") else "no"
 
 
-def evaluate_answers(rows: list[dict], truth: dict[str, list], vocabulary: tuple[str, ...]) -> dict:
+def evaluate_answers(rows: Iterable[dict], truth: dict[str, list], vocabulary: tuple[str, ...]) -> dict:
     answers = absent = miscounted = unknown = 0
     probes_seen = probe_errors = 0
     for row in rows:
@@ -76,19 +79,31 @@ def evaluate_answers(rows: list[dict], truth: dict[str, list], vocabulary: tuple
             "negative_label_error_rate": _ratio(probe_errors, probes_seen), "images_without_ground_truth": unknown}
 
 
-def evaluate_tagging(config: PipelineConfig, rows: list[dict], truth: dict[str, list]) -> dict | None:
+def evaluate_tagging(config: PipelineConfig, records_dir: Path, truth: dict[str, list]) -> dict | None:
+    """The embeddings of the records with ground truth, read a batch at a time into one [N, D] array (no
+    Python list per float)."""
     from filters.object_tagger import ClipObjectTagger
 
-    rows = [r for r in rows if r["embedding"] is not None and url_file_name(r["url"]) in truth]
-    if not rows:
-        return None
     vocabulary = list(config.objects.vocabulary or COCO_CATEGORIES)
+    embeddings, present = [], []
+    for path in sorted(records_dir.glob("*.parquet")) if records_dir.exists() else []:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=["url", "embedding"]):
+            files = [url_file_name(url) for url in batch.column("url").to_pylist()]
+            known = [i for i, (name, ok) in enumerate(zip(files, batch.column("embedding").is_valid().to_pylist()))
+                     if ok and name in truth]
+            if not known:
+                continue
+            column = batch.column("embedding").take(pa.array(known, pa.int64()))
+            embeddings.append(column.flatten().to_numpy().astype(np.float32).reshape(len(known), -1))
+            for i in known:
+                row = np.zeros(len(vocabulary), bool)
+                row[[vocabulary.index(o.category) for o in truth[files[i]]]] = True
+                present.append(row)
+    if not present:
+        return None
     tagger = ClipObjectTagger(config.clip, vocabulary, config.objects.tag_threshold, config.objects.max_tags)
-    sims = tagger.scores(np.asarray([r["embedding"] for r in rows], dtype=np.float32))  # [N, V]
-    present = np.zeros_like(sims, dtype=bool)
-    for i, r in enumerate(rows):
-        for o in truth[url_file_name(r["url"])]:
-            present[i, vocabulary.index(o.category)] = True
+    sims = tagger.scores(np.concatenate(embeddings))  # [N, V]
+    present = np.stack(present)
     top = np.argsort(-sims, axis=1)[:, : config.objects.max_tags]
     in_top = np.zeros_like(present)
     np.put_along_axis(in_top, top, True, axis=1)
@@ -101,23 +116,33 @@ def evaluate_tagging(config: PipelineConfig, rows: list[dict], truth: dict[str, 
         return {"threshold": round(float(threshold), 4), "precision": precision, "recall": recall, "f1": f1}
 
     sweep = [at(t) for t in np.quantile(sims, np.linspace(0.5, 0.999, 60))]
-    return {"images": len(rows), "at_configured": at(config.objects.tag_threshold),
+    return {"images": len(present), "at_configured": at(config.objects.tag_threshold),
             "best_f1": max(sweep, key=lambda r: r["f1"])}
 
 
 def evaluate_grounding(config: PipelineConfig, records_dir: Path, dropped_dir: Path, input_urls: int) -> dict:
+    """Streamed over the records (answers and yield in one pass, the tagging embeddings in another); the
+    ground truth is held whole, as an index by file name."""
     truth = load_coco_instances(config.evaluate.ground_truth)
     vocabulary = tuple(config.objects.vocabulary or COCO_CATEGORIES)
-    rows = read_rows(records_dir, ["uid", "url", "instructions", "probes", "embedding", "teacher_selected"])
-    dropped = read_rows(dropped_dir, ["stage", "teacher_selected"])
-    generated = [r for r in dropped if r["stage"] in ("generate", "verify")]
-    sent = sum(r["teacher_selected"] is not False for r in generated + rows)
-    kept_sent = sum(r["teacher_selected"] is not False for r in rows)
-    records = sum(len(json.loads(r["instructions"] or "[]")) for r in rows)
-    result = evaluate_answers(rows, truth, vocabulary)
-    result["yield"] = {"llava_records": records, "images_with_records": len(rows), "input_urls": input_urls,
-                       "images_sent_to_teacher": sent, "images_with_program_probes_only": len(rows) - kept_sent,
+    seen = {"images": 0, "sent": 0, "records": 0}
+
+    def counted(rows):
+        for row in rows:
+            seen["images"] += 1
+            seen["sent"] += row["teacher_selected"] is not False
+            seen["records"] += len(json.loads(row["instructions"] or "[]"))
+            yield row
+
+    result = evaluate_answers(counted(iter_rows(records_dir, ["uid", "url", "instructions", "probes", "teacher_selected"])),
+                              truth, vocabulary)
+    dropped_sent = sum(r["stage"] in ("generate", "verify") and r["teacher_selected"] is not False
+                       for r in iter_rows(dropped_dir, ["stage", "teacher_selected"]))
+    images, kept_sent, records = seen["images"], seen["sent"], seen["records"]
+    sent = dropped_sent + kept_sent
+    result["yield"] = {"llava_records": records, "images_with_records": images, "input_urls": input_urls,
+                       "images_sent_to_teacher": sent, "images_with_program_probes_only": images - kept_sent,
                        "records_per_input_url": _ratio(records, input_urls),
                        "images_kept_per_image_sent": _ratio(kept_sent, sent)}
-    result["tagging"] = evaluate_tagging(config, rows, truth)
+    result["tagging"] = evaluate_tagging(config, records_dir, truth)
     return result

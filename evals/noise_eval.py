@@ -35,40 +35,60 @@ def _ratio(num: int, den: int) -> float | None:
 
 
 def evaluate_against_noise(noise_manifest: Path, records_dir: Path, dropped_dir: Path, stage_order: list[str]) -> dict:
-    """`stage_order`: the run's stages in order; a row dropped at or after a stage reached it."""
+    """`stage_order`: the run's stages in order; a row dropped at or after a stage reached it. The records are
+    streamed (two passes over `uid, url` / `stage, reason`); what is held is the noise manifest and the rows
+    the figures are about (planted rows, and rows the CLIP filter, dedup and the guard dropped)."""
     noise = {r["url"]: r for r in pq.read_table(noise_manifest).to_pylist()}
-    kept = read_rows(records_dir, ["uid", "url"])
-    dropped = read_rows(dropped_dir, ["uid", "url", "stage", "reason"])
-    url_of = {r["uid"]: r["url"] for r in kept + dropped}
     clip_stage = stage_order[stage_order.index("clip_filter"):]  # rows that reached the CLIP filter
-    reached_clip = [r["url"] for r in kept] + [r["url"] for r in dropped if r["stage"] in clip_stage]
-    swapped = {u for u in reached_clip if noise.get(u, {}).get("kind") == "caption_swapped"}
-    clip_dropped = {r["url"] for r in dropped if r["stage"] == "clip_filter"}
+    dedup_on = stage_order[stage_order.index("dedup"):] if "dedup" in stage_order else []
+    guard_on = stage_order[stage_order.index("eval_guard"):] if "eval_guard" in stage_order else []
+    groups = {u: (r["detail"], u) for u, r in noise.items() if r["kind"] in ("near_duplicate", "exact_duplicate")}
+    in_groups = {u for pair in groups.values() for u in pair}
+    copies = {u for u, r in noise.items() if r["kind"] == "eval_copy"}
+    swapped, clip_dropped, reached_dedup, reached_guard = set(), set(), set(), set()
+    dedup_drops, removed = [], {}
+
+    def reached(url: str, stage: str | None) -> None:  # stage None: a kept row, which reached every stage
+        if noise.get(url, {}).get("kind") == "caption_swapped" and (stage is None or stage in clip_stage):
+            swapped.add(url)
+        if url in in_groups and (stage is None or stage in dedup_on):
+            reached_dedup.add(url)
+        if url in copies and (stage is None or stage in guard_on):
+            reached_guard.add(url)
+
+    for row in iter_rows(records_dir, ["url"]):
+        reached(row["url"], None)
+    for row in iter_rows(dropped_dir, ["url", "stage", "reason"]):
+        reached(row["url"], row["stage"])
+        if row["stage"] == "clip_filter":
+            clip_dropped.add(row["url"])
+        elif row["stage"] == "dedup":
+            dedup_drops.append((row["url"], row["reason"].split(":", 1)[1]))
+        elif row["stage"] == "eval_guard":
+            removed[row["url"]] = row["reason"].split(":", 1)[1]
+    named = {uid for _, uid in dedup_drops}
+    url_of = {r["uid"]: r["url"] for directory in (records_dir, dropped_dir)
+              for r in iter_rows(directory, ["uid", "url"]) if r["uid"] in named}
+
     hits = len(swapped & clip_dropped)
     mismatch = {"positives": len(swapped), "predicted": len(clip_dropped), "true_positives": hits,
                 "precision": _ratio(hits, len(clip_dropped)), "recall": _ratio(hits, len(swapped))}
-
-    dedup_on = stage_order[stage_order.index("dedup"):] if "dedup" in stage_order else []
-    reached_dedup = {r["url"] for r in kept} | {r["url"] for r in dropped if r["stage"] in dedup_on}
-    groups = {u: (r["detail"], u) for u, r in noise.items() if r["kind"] in ("near_duplicate", "exact_duplicate")}
     live_groups = {pair for pair in groups.values() if pair[0] in reached_dedup and pair[1] in reached_dedup}
-    dedup_drops = [(r["url"], url_of.get(r["reason"].split(":", 1)[1])) for r in dropped if r["stage"] == "dedup"]
+    dedup_drops = [(url, url_of.get(uid)) for url, uid in dedup_drops]
     correct = [(a, b) for a, b in dedup_drops if (b, a) in live_groups or (a, b) in live_groups]
     caught = {frozenset(p) for p in correct}
     duplicates = {"groups": len(live_groups), "predicted": len(dedup_drops), "true_positives": len(correct),
                   "precision": _ratio(len(correct), len(dedup_drops)), "recall": _ratio(len(caught), len(live_groups))}
     figures = {"mismatched_captions": mismatch, "duplicates": duplicates}
-    if "eval_guard" in stage_order:
-        figures["eval_overlap"] = _eval_overlap(noise, kept, dropped, stage_order[stage_order.index("eval_guard"):])
+    if guard_on:
+        figures["eval_overlap"] = _eval_overlap(noise, reached_guard, removed)
     return figures
 
 
-def _eval_overlap(noise: dict, kept: list[dict], dropped: list[dict], guard_on: list[str]) -> dict:
+def _eval_overlap(noise: dict, reached: set[str], removed: dict[str, str]) -> dict:
     """Planted copies of held-out images (`eval_copy`, detail `<how>:<val file name>`) that reached the guard;
-    a removal is right when it names the copy's own held-out image."""
-    reached = {r["url"] for r in kept} | {r["url"] for r in dropped if r["stage"] in guard_on}
-    copies = {u: r["detail"].split(":", 1) for u, r in noise.items() if r["kind"] == "eval_copy" and u in reached}
-    removed = {r["url"]: r["reason"].split(":", 1)[1] for r in dropped if r["stage"] == "eval_guard"}
+    a removal (url -> the reference it names) is right when it names the copy's own held-out image."""
+    copies = {u: noise[u]["detail"].split(":", 1) for u in reached}
     right = {u for u, source in removed.items() if u in copies and copies[u][1] == source}
     per_kind = {}
     for how in sorted({how for how, _ in copies.values()}):

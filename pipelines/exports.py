@@ -119,8 +119,10 @@ def save_splits(rows_by_split: dict[str, Iterable[dict]], features, out: Path, f
     TRL message row, a record's preference pairs); returns rows per split. Each split goes through datasets'
     generator path: a row is shaped, and gets its image bytes from `fill` (read from llava/images), just before
     it is written, and the writer flushes to its cache file a batch at a time, so no split ever holds all its
-    shaped rows or images in memory. The cache is a scratch folder beside `out`, removed after; the
-    fingerprint is the split's published ids, so the same rows give the same files."""
+    shaped rows or images in memory. `rows_by_split`: re-iterable rows per split (`pipelines.staged_rows.
+    SplitRows`), read for the emptiness check, the fingerprint and the writing. The cache is a scratch folder
+    beside `out`, removed after; the fingerprint is the split's published ids, so the same rows give the same
+    files."""
     import datasets
 
     shutil.rmtree(out, ignore_errors=True)
@@ -134,7 +136,8 @@ def save_splits(rows_by_split: dict[str, Iterable[dict]], features, out: Path, f
                 continue
             splits[split] = datasets.Dataset.from_generator(
                 _filled, features=features, cache_dir=cache, split=split, fingerprint=_fingerprint(out.name, split, rows),
-                gen_kwargs={"rows": rows, "fill": fill, "shape": shape, "names": tuple(features)})  # one list: rows
+                # `rows` is not a list: datasets treats a list in gen_kwargs as shards (a generator call per row)
+                gen_kwargs={"rows": rows, "fill": fill, "shape": shape, "names": tuple(features)})
         # save_to_disk holds about a shard's worth of memory while it writes one: shards of SHARD_BYTES, not
         # datasets' default 500 MB, keep that small whatever the split's size (bench/publish.py); an empty
         # split still gets one shard, which load_from_disk needs.
@@ -162,7 +165,7 @@ def write_json_list(path: Path, entries: Iterable[dict]) -> None:
         file.write("\n]\n" if written else "[]\n")
 
 
-def _filled(rows: list[dict], fill: Callable[[dict], dict], shape: Callable[[dict], list[dict]], names: tuple[str, ...]):
+def _filled(rows: Iterable[dict], fill: Callable[[dict], dict], shape: Callable[[dict], list[dict]], names: tuple[str, ...]):
     for source in rows:
         for row in shape(source):
             row = fill(row)

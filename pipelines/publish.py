@@ -29,13 +29,12 @@ import time
 import typing
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from evals.noise_eval import iter_rows
 from pipelines.exports import save_splits, write_exports, write_json_list
+from pipelines.staged_rows import SplitRows, rows_by_split, stage_rows
 from schemas.errors import UserError
 from schemas.records import PublishedRow, stored_type
 
@@ -93,88 +92,6 @@ def record_files(records_dir: Path) -> list[Path]:
     return files
 
 
-# One row per LLaVA record, as publishing stages them: the published columns, the record's split, its turns as
-# JSON, and the probes / rejected turns its preference pairs are made of (`negatives` rows only).
-STAGED = pa.schema([("id", pa.string()), ("split", pa.string()), ("uid", pa.string()), ("type", pa.string()),
-                    ("caption", pa.string()), ("clip_score", pa.float64()), ("objects", pa.string()),
-                    ("provenance", pa.string()), ("conversations", pa.string()), ("probes", pa.string()),
-                    ("rejected_turns", pa.string())])
-CHUNK = 1024
-
-
-class SplitRows:
-    """The published rows of one split in id order, read from the staged rows a chunk at a time (memory-mapped
-    Arrow: the rows are never all Python objects at once). Iterable any number of times; `len` is its rows.
-    Rows are gathered from each staged record batch on its own: a take on the whole (chunked) table would
-    first concatenate every column, a copy of all the rows for each chunk."""
-
-    def __init__(self, table: pa.Table, order: pa.Array):
-        self.table, self.order = table, order
-        self.batches = table.to_batches()
-        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __iter__(self):
-        order = self.order.to_numpy().astype(np.int64)
-        for start in range(0, len(order), CHUNK):
-            wanted = order[start:start + CHUNK]
-            batch_of = np.searchsorted(self.starts, wanted, side="right") - 1
-            rows: list = [None] * len(wanted)
-            for b in np.unique(batch_of):
-                at = np.flatnonzero(batch_of == b)
-                taken = self.batches[b].take(pa.array(wanted[at] - self.starts[b])).to_pylist()
-                for position, row in zip(at.tolist(), taken):
-                    rows[position] = row
-            for row in rows:
-                row["conversations"] = json.loads(row["conversations"])
-                yield row
-
-    def column(self, name: str) -> pa.ChunkedArray:
-        return self.table.column(name).take(self.order)
-
-
-def stage_rows(records_dir: Path, path: Path, seed: int, validation_fraction: float) -> int:
-    """Every LLaVA record of every kept image as a row of `STAGED`, written to the Arrow file `path` a chunk at a
-    time (images with no record are left out; no image bytes); returns the rejected turns of records that are
-    not `negatives` (they make no preference pair). The caller checks the shards first (`record_files`)."""
-    names = pq.read_schema(record_files(records_dir)[0]).names
-    extra = [c for c in ("probes", "rejected_turns") if c in names]
-    rows, unpaired = [], 0
-    with pa.ipc.new_file(str(path), STAGED) as writer:
-        for record in iter_rows(records_dir, [c for c in RECORD_COLUMNS if c != "image"] + extra):
-            rejected = json.loads(record.get("rejected_turns") or "[]")
-            unpaired += sum(turn["type"] != "negatives" for turn in rejected)
-            for llava in json.loads(record["instructions"] or "[]"):
-                negatives = llava["type"] == "negatives"
-                rows.append({
-                    "id": llava["id"], "split": split_of(record["uid"], seed, validation_fraction),
-                    "uid": record["uid"], "type": llava["type"], "caption": record["caption"],
-                    "clip_score": record["clip_score"], "objects": record["objects"] or "[]",
-                    "provenance": json.dumps(llava.get("provenance", {}), sort_keys=True, ensure_ascii=False),
-                    "conversations": json.dumps([{"from": t["from"], "value": t["value"]} for t in llava["conversations"]]),
-                    "probes": record.get("probes") if negatives else None,
-                    "rejected_turns": record.get("rejected_turns") if negatives else None})
-            if len(rows) >= CHUNK:
-                writer.write_batch(pa.RecordBatch.from_pylist(rows, STAGED))
-                rows = []
-        writer.write_batch(pa.RecordBatch.from_pylist(rows, STAGED))
-    return unpaired
-
-
-def rows_by_split(table: pa.Table, records_dir: Path) -> dict[str, SplitRows]:
-    """The staged rows of each split, sorted by id (so the same records give byte-identical files however the
-    record shards were cut); the sort and the checks run on the id column alone."""
-    order = pc.sort_indices(table, [("id", "ascending")])
-    ids = table.column("id").take(order)
-    repeated = pc.filter(ids[1:], pc.equal(ids[1:], ids[:-1])) if len(ids) > 1 else []
-    if len(repeated):  # two records with one id would make the order (and LLaVA's ids) ambiguous
-        raise ValueError(f"record id {repeated[0].as_py()!r} occurs more than once in {records_dir}")
-    split = table.column("split").take(order)
-    return {name: SplitRows(table, order.filter(pc.equal(split, name))) for name in SPLITS}
-
-
 def write_images(files: list[Path], uids: set[str], out: Path) -> dict[str, str]:
     """Each published image written once to `out/images/<uid>.<ext>`, streamed from the record `files` (parquet
     decodes one row group at a time: never every image in memory); returns uid -> its path under `out`."""
@@ -210,10 +127,12 @@ def publish_dataset(run_dir: Path, validation_fraction: float = 0.05, seed: int 
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".publish-") as scratch:
         staged = Path(scratch) / "rows.arrow"
-        unpaired = stage_rows(run_dir / "records", staged, seed, validation_fraction)
+        names = pq.read_schema(files[0]).names
+        columns = [c for c in RECORD_COLUMNS if c != "image"] + [c for c in ("probes", "rejected_turns") if c in names]
+        unpaired = stage_rows(run_dir / "records", columns, staged, lambda uid: split_of(uid, seed, validation_fraction))
         with pa.memory_map(str(staged)) as source:
             table = pa.ipc.open_file(source).read_all()
-            splits = rows_by_split(table, run_dir / "records")
+            splits = rows_by_split(table, run_dir / "records", SPLITS)
             llava = run_dir / "llava"
             image_paths = write_images(files, set(table.column("uid").to_pylist()), llava)
             write_llava(splits, llava, image_paths)

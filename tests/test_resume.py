@@ -5,9 +5,9 @@ segments after it), and publish byte for byte what an uninterrupted run publishe
 Real parts: a rendered sample world served over HTTP and crawled by img2dataset, a real `ray start --head`, the
 pipeline as its own process. The teacher is `infra.fake_teacher` (a real HTTP server with schema-valid,
 seeded answers and a fixed latency), so that the generate stage is slow enough to be caught half done; and the
-CLIP is the sample CLIP's architecture with a wider 224-pixel image tower (seeded random weights, ~0.1 s a
-batch of 3 on one core), so that the first segment too takes long enough per shard to be caught half done:
-with the sample CLIP all 6 shards could be written within one poll of the test."""
+CLIP is the sample CLIP's architecture with a wider 224-pixel image tower (seeded random weights, ~0.15 s per
+forward of 3 images on one core, once per crop scale), so that the first segment too takes long enough per
+shard to be caught half done: with the sample CLIP all 6 shards could be written within one poll of the test."""
 from __future__ import annotations
 
 import hashlib

@@ -27,9 +27,12 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from schemas.records import IMAGE_TOKEN
+
+if TYPE_CHECKING:
+    from pipelines.staged_rows import SplitRows
 
 EXPORTS = ("trl_sft", "trl_dpo", "llamafactory")
 ROLE = {"human": "user", "gpt": "assistant"}
@@ -113,14 +116,14 @@ def _features(kind: str):
                               "prompt": [message], "chosen": [message], "rejected": [message]})
 
 
-def save_splits(rows_by_split: dict[str, Iterable[dict]], features, out: Path, fill: Callable[[dict], dict],
+def save_splits(rows_by_split: dict[str, SplitRows], features, out: Path, fill: Callable[[dict], dict],
                 shape: Callable[[dict], list[dict]] = lambda row: [row]) -> dict[str, int]:
     """`out` as a DatasetDict (save_to_disk) of the rows `shape` makes of each published row (the row itself, a
     TRL message row, a record's preference pairs); returns rows per split. Each split goes through datasets'
     generator path: a row is shaped, and gets its image bytes from `fill` (read from llava/images), just before
     it is written, and the writer flushes to its cache file a batch at a time, so no split ever holds all its
-    shaped rows or images in memory. `rows_by_split`: re-iterable rows per split (`pipelines.staged_rows.
-    SplitRows`), read for the emptiness check, the fingerprint and the writing. The cache is a scratch folder
+    shaped rows or images in memory. `rows_by_split`: each split's rows (`SplitRows`), read for the emptiness
+    check and the writing; the fingerprint reads their id column alone. The cache is a scratch folder
     beside `out`, removed after; the fingerprint is the split's published ids, so the same rows give the same
     files."""
     import datasets
@@ -135,7 +138,7 @@ def save_splits(rows_by_split: dict[str, Iterable[dict]], features, out: Path, f
                 splits[split] = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
                 continue
             splits[split] = datasets.Dataset.from_generator(
-                _filled, features=features, cache_dir=cache, split=split, fingerprint=_fingerprint(out.name, split, rows),
+                _filled, features=features, cache_dir=cache, split=split, fingerprint=_fingerprint(out.name, split, rows.column("id").to_pylist()),
                 # `rows` is not a list: datasets treats a list in gen_kwargs as shards (a generator call per row)
                 gen_kwargs={"rows": rows, "fill": fill, "shape": shape, "names": tuple(features)})
         # save_to_disk holds about a shard's worth of memory while it writes one: shards of SHARD_BYTES, not
@@ -146,11 +149,11 @@ def save_splits(rows_by_split: dict[str, Iterable[dict]], features, out: Path, f
     return {split: len(ds) for split, ds in splits.items()}
 
 
-def _fingerprint(name: str, split: str, rows: Iterable[dict]) -> str:
-    """sha256 of json.dumps([name, split, [every row's id]]), hashed an id at a time."""
+def _fingerprint(name: str, split: str, ids: list[str]) -> str:
+    """sha256 of json.dumps([name, split, ids]), hashed an id at a time."""
     digest = hashlib.sha256(json.dumps([name, split])[:-1].encode() + b", [")
-    for i, row in enumerate(rows):
-        digest.update((", " if i else "").encode() + json.dumps(row["id"]).encode())
+    for i, row_id in enumerate(ids):
+        digest.update((", " if i else "").encode() + json.dumps(row_id).encode())
     digest.update(b"]]")
     return digest.hexdigest()[:16]
 

@@ -187,6 +187,9 @@ def write_exports(run_dir: Path, rows_by_split: dict[str, Iterable[dict]], image
     beside it); `image_paths`: uid -> the image's path under llava/, `image`: uid -> the HF image value (read when
     its row is written), `unpaired`: rejected turns that make no pair (counted by the caller). Returns rows per
     export and split, and pairs per source."""
+    import datasets
+    import pyarrow.compute as pc
+
     def sft_row(row: dict) -> list[dict]:
         return [{"id": row["id"], "uid": row["uid"], "messages": sft_messages(row["conversations"]), "type": row["type"]}]
 
@@ -196,7 +199,10 @@ def write_exports(run_dir: Path, rows_by_split: dict[str, Iterable[dict]], image
     with_image = lambda row: {**row, "images": [image(row["uid"])]}  # noqa: E731
     sft = save_splits(rows_by_split, _features("trl_sft"), run_dir / "trl_sft", with_image, sft_row)
     dpo = save_splits(rows_by_split, _features("trl_dpo"), run_dir / "trl_dpo", with_image, pairs)
-    sources = Counter(p["source"] for rows in rows_by_split.values() for r in rows for p in pairs(r))
+    sources = Counter()  # what trl_dpo holds, counted from its source column (the pairs are not built again)
+    for split in datasets.load_from_disk(str(run_dir / "trl_dpo")).values():
+        for count in pc.value_counts(split.data.column("source")).to_pylist():
+            sources[count["values"]] += count["counts"]
 
     folder = run_dir / "llamafactory"
     shutil.rmtree(folder, ignore_errors=True)

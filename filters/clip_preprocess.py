@@ -156,6 +156,7 @@ class ClipPreprocessor(ClipStage):
     """
 
     name = "clip_preprocess"
+    columns = ("caption", "image", "pixels", "tokens")
 
     def __init__(self, config: ClipConfig, clip: LoadedClip | None = None, dedup: DedupConfig | None = None):
         config = config.model_copy(update={"device": "cpu"})

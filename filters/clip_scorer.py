@@ -37,6 +37,7 @@ class ClipScorer(ClipStage):
     """
 
     name = "clip_score"
+    columns = ("caption", "image", "pixels", "tokens", "clip_score", "embedding", "dedup_embedding")
 
     def __init__(self, config: ClipConfig, clip: LoadedClip | None = None, dedup: DedupConfig | None = None):
         super().__init__(config, clip, dedup)
@@ -202,6 +203,7 @@ class ClipScoreFilter(RecordFilter):
     """The per-batch half: drop pairs whose CLIP score is below the fitted threshold."""
 
     name = "clip_filter"
+    columns = ("clip_score",)
 
     def __init__(self, threshold: float):
         self.threshold = threshold

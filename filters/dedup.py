@@ -207,6 +207,7 @@ class DuplicateFilter(RecordFilter):
     """The per-batch half: drop the uids the fit named, with its reason."""
 
     name = "dedup"
+    columns = ("dedup_embedding",)
 
     def __init__(self, reasons: dict[str, str]):
         self.reasons = reasons

@@ -52,6 +52,7 @@ class EvalOverlapFilter(RecordFilter):
     the dedup embedding computed for the guard is cleared from the records it keeps (dedup clears it otherwise)."""
 
     name = "eval_guard"
+    columns = ("dedup_embedding",)
 
     def __init__(self, reasons: dict[str, str], clear_embedding: bool = False):
         self.reasons, self.clear_embedding = reasons, clear_embedding

@@ -116,6 +116,7 @@ def probe_answer_problem(answer: str, found: list[Mention], probe: dict) -> str 
 
 class GroundingVerifier:
     name = "verify"
+    columns = ("objects", "probes", "instructions", "rejected_turns")
 
     def __init__(self, vocabulary: list[str] | None = None):
         self.vocabulary = tuple(vocabulary or COCO_CATEGORIES)

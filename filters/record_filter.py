@@ -8,6 +8,9 @@ class RecordFilter:
     """Subclasses set `name` and implement `check(record) -> (reason or None, record to keep)`."""
 
     name = "filter"
+    # The record fields the stage reads or sets, besides uid, url, status, reason and stage: the engines build
+    # its records from these columns only (pipelines/batches.py); None: every field.
+    columns: tuple[str, ...] | None = None
 
     def check(self, record: ImageRecord) -> tuple[str | None, ImageRecord]:
         raise NotImplementedError

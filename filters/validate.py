@@ -31,6 +31,7 @@ SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height (2..8 al
 
 class ImageValidator(RecordFilter):
     name = "validate"
+    columns = ("caption", "image", "width", "height")
 
     def __init__(self, config: ValidateConfig):
         self.config = config

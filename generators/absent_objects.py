@@ -107,6 +107,7 @@ class AbsentObjectSampler:
     """The per-batch half: probes for each image from the fitted statistics."""
 
     name = "probes"
+    columns = ("objects", "probes", "teacher_selected")
 
     def __init__(self, fitted: dict, generate: GenerateConfig, objects: ObjectsConfig, seed: int = 0):
         self.stats, self.config, self.seed = fitted["statistics"], generate, seed

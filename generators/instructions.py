@@ -28,6 +28,7 @@ from schemas.records import ImageRecord, StageResult, llava_conversation
 
 class InstructionGenerator:
     name = "generate"
+    columns = ("caption", "objects", "probes", "teacher_selected", "instructions", "teacher_usage")
 
     def __init__(self, teacher: TeacherConfig, generate: GenerateConfig, base_url: str, cache_dir: str | None):
         check_types(generate.types)

@@ -22,6 +22,7 @@ class ObjectFinder:
     """The `objects` stage: every live record gets its objects (annotations first, tags otherwise)."""
 
     name = "objects"
+    columns = ("embedding", "objects")
 
     def __init__(self, objects: ObjectsConfig, clip: ClipConfig):
         self.config, self.clip = objects, clip

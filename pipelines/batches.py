@@ -1,10 +1,13 @@
 """How a batch of rows goes through one stage on any engine, and the Arrow form of a record row.
 
-Engines hand batches of rows (Arrow tables, as stored in parquet) to `StageBatches`; it rebuilds the
-typed records, runs the stage on the live ones and passes already-dropped rows through, so a
-row dropped by the crawl still reaches the output with its reason. A stage may offer a whole-table path that
-runs straight on the Arrow columns (the plan declares it: `MapStage.arrow`; the CLIP scorer's is
-`score_columns`). Each stage is built once per worker process (`built_once`).
+Both engines hand batches of rows (Arrow tables, as stored in parquet) to `StageBatches`; it builds typed
+records from the columns the stage declares (its `columns`: what it reads or sets, besides the row's identity and
+status), runs the stage on the live ones, passes already-dropped rows through (a row dropped by the crawl still
+reaches the output with its reason) and sets only those columns in the rows it gives back: the image bytes, the
+embeddings and the rest ride through a stage that does not read them as Arrow columns, never as Python objects
+(`through_columns`). A stage may offer a whole-table path that runs straight on the Arrow columns (the plan
+declares it: `MapStage.arrow`; the CLIP scorer's is `score_columns`). Each stage is built once per worker
+process (`built_once`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import threading
 import typing
 import uuid
 from collections import OrderedDict
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +25,7 @@ from pydantic import BaseModel
 
 if typing.TYPE_CHECKING:
     from filters.clip_scorer import ClipScorer
-from schemas.records import KEEP, ImageRecord, StageResult, stored_type
+from schemas.records import CLEARED_WHEN_DROPPED, KEEP, ImageRecord, StageResult, stored_type
 
 Stage = Callable[[list[ImageRecord]], StageResult]
 # A stage's whole-table path: (the built stage, an Arrow batch) -> the batch it would give, or None when the
@@ -113,6 +117,50 @@ def apply_stage(stage: Stage, records: list[ImageRecord]) -> list[ImageRecord]:
     return result.kept + result.dropped + [r for r in records if r.status != KEEP]
 
 
+# What every stage's records carry, whatever columns it declares: who the row is and whether it is live.
+ROW_COLUMNS = ("uid", "url", "status", "reason", "stage")
+
+
+def declared_columns(factory: Callable) -> tuple[str, ...] | None:
+    """The `columns` a stage's class declares (through any `functools.partial` around it); None: every field."""
+    while isinstance(factory, partial):
+        factory = factory.func
+    return getattr(factory, "columns", None)
+
+
+def through_columns(stage: Stage, batch: pa.Table, columns: tuple[str, ...]) -> pa.Table | None:
+    """`apply_stage` on records built from the declared columns only; the rows it gives back are the input rows
+    (in the order the stage returned them) with those columns set from its records and, for a row it dropped,
+    the columns a dropped record loses (`CLEARED_WHEN_DROPPED`) emptied: the table the whole-row path gives.
+    None (the whole-row path must run) for a batch whose uids are not unique."""
+    names = [n for n in RECORD_SCHEMA.names if n in ROW_COLUMNS or n in columns]
+    uids = batch.column("uid").to_pylist()
+    row_of = {uid: i for i, uid in enumerate(uids)}
+    if len(row_of) != len(uids):
+        return None
+    records = apply_stage(stage, rows_to_records(batch.select(names).to_pylist()))
+    given = set(names)
+    for record in records:
+        if undeclared := [f for f in record.model_fields_set - given if getattr(record, f) is not None]:
+            raise RuntimeError(f"stage {getattr(stage, 'name', stage)} set {', '.join(sorted(undeclared))} of record "
+                               f"{record.uid}, which its `columns` do not declare")
+    order = pa.array([row_of[r.uid] for r in records], pa.int64())
+    out = batch.take(order)
+    set_by_stage = pa.Table.from_pylist([r.model_dump(include=given) for r in records],
+                                        schema=pa.schema([RECORD_SCHEMA.field(n) for n in names]))
+    for name in names:
+        out = out.set_column(out.schema.get_field_index(name), RECORD_SCHEMA.field(name), set_by_stage.column(name))
+    was_live = pc.fill_null(pc.equal(batch.column("status").take(order), KEEP), False).to_pylist()
+    dropped_now = [live and r.status != KEEP for live, r in zip(was_live, records)]
+    if any(dropped_now):
+        emptied = pa.array([None if d else i for i, d in enumerate(dropped_now)], pa.int64())
+        for name in CLEARED_WHEN_DROPPED:
+            if name not in given:
+                out = out.set_column(out.schema.get_field_index(name), RECORD_SCHEMA.field(name),
+                                     out.column(name).take(emptied))
+    return out
+
+
 def records_to_table(records: list[ImageRecord]) -> pa.Table:
     return pa.Table.from_pylist([r.model_dump() for r in records], schema=RECORD_SCHEMA)
 
@@ -163,11 +211,12 @@ class StageBatches:
     some shards, scores each row in the same batch, to the last bit, as an uninterrupted one."""
 
     def __init__(self, name: str, factory: Callable[[], Stage], batch_size: int | None = None,
-                 arrow: ArrowPath | None = None):
+                 arrow: ArrowPath | None = None, columns: tuple[str, ...] | None = None):
         self.name = name
         self.factory = factory
         self.batch_size = batch_size  # None: the rows as given, in one batch
         self.arrow = arrow  # the stage's whole-table path, when it offers one (`MapStage.arrow`)
+        self.columns = columns  # the record fields it reads or sets (`MapStage.columns`); None: every field
         self.key = f"{name}:{uuid.uuid4().hex}"  # the same in every pickled copy of this instance
         self.stage: Stage | None = None
         self._setup_lock = threading.Lock()  # an actor running batches in threads builds its stage once
@@ -187,15 +236,14 @@ class StageBatches:
         size = self.batch_size or max(n, 1)
         return [(start, min(start + size, n)) for start in range(0, n, size)] or [(0, 0)]
 
-    def apply(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        self.setup()
-        return [r for start, end in self._cuts(len(records)) for r in apply_stage(self.stage, records[start:end])]
-
-    def __call__(self, block: pa.Table) -> pa.Table:  # Ray Data, batch_format="pyarrow"
+    def __call__(self, block: pa.Table) -> pa.Table:  # Ray Data (batch_format="pyarrow") and Beam's SegmentDoFn
         self.setup()
         return pa.concat_tables([self._table(block.slice(start, end - start)) for start, end in self._cuts(block.num_rows)])
 
     def _table(self, batch: pa.Table) -> pa.Table:
         if self.arrow is not None and (table := self.arrow(self.stage, batch)) is not None:
             return table
+        if self.columns is not None and batch.schema.equals(RECORD_SCHEMA):
+            if (table := through_columns(self.stage, batch, self.columns)) is not None:
+                return table
         return records_to_table(apply_stage(self.stage, rows_to_records(batch.to_pylist())))

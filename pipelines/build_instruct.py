@@ -62,7 +62,7 @@ def apply_on_ray(ds: ray.data.Dataset, stage: MapStage) -> ray.data.Dataset:
             ds = ds.repartition(target_num_rows_per_block=stage.batch_size)
         pool = ActorPoolStrategy(size=stage.num_actors, max_tasks_in_flight_per_actor=calls,
                                  max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1)
-        return ds.map_batches(StageBatches, fn_constructor_args=(stage.name, stage.factory, stage.batch_size, stage.arrow),
+        return ds.map_batches(StageBatches, fn_constructor_args=stage.batch_arguments(),
                               batch_format="pyarrow", batch_size=None, compute=pool, num_gpus=stage.num_gpus)
     return ds.map_batches(stage.batches(), batch_format="pyarrow", batch_size=None)
 

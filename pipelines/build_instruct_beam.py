@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 from pipelines.cli import parse_config, parser  # noqa: E402
 from pipelines.crawl import crawl, crawl_passes  # noqa: E402
 from pipelines.run import RunDirectory, run_version  # noqa: E402
-from pipelines.batches import records_to_table, rows_to_records  # noqa: E402
 from pipelines.segments import ShardRows, ShardSource, Tally, run_segments  # noqa: E402
 from pipelines.stages import MapStage, stage_plan  # noqa: E402
 from schemas.config import PipelineConfig  # noqa: E402
@@ -43,10 +42,10 @@ class SegmentDoFn(beam.DoFn):
             batches.setup()
 
     def process(self, shard: int):
-        records = rows_to_records(self.source.read(shard).to_pylist())
-        for batches in self.stages:
-            records = batches.apply(records)
-        yield self.out.write(records_to_table(records)).num_rows
+        rows = self.source.read(shard)
+        for batches in self.stages:  # the batch function Ray's map_batches runs, on the shard's rows
+            rows = batches(rows)
+        yield self.out.write(rows).num_rows
 
 
 def run(config: PipelineConfig, beam_args: list[str], shards_from: Path | None = None) -> dict:

@@ -19,7 +19,7 @@ from filters.grounding import GroundingVerifier
 from filters.validate import ImageValidator
 from generators.absent_objects import AbsentObjectSampler
 from generators.objects import ObjectFinder
-from pipelines.batches import ArrowPath, Stage, StageBatches, score_columns
+from pipelines.batches import ArrowPath, Stage, StageBatches, declared_columns, score_columns
 from pipelines.stage_fits import clip_dedup_settings, dedup_column, fit_dedup, fit_eval_guard, fit_probes, scores
 from schemas.config import PipelineConfig
 
@@ -38,10 +38,18 @@ class MapStage:
     # one batch per block on Ray, so each batch's output leaves (and shows progress) as soon as it is done.
     concurrent_batches: int = 1
     arrow: ArrowPath | None = None  # a whole-table path the stage offers (pipelines/batches.py: StageBatches)
+    # The record fields the stage reads or sets; by default what its class declares (`columns`), None: every field.
+    columns: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        self.columns = self.columns if self.columns is not None else declared_columns(self.factory)
 
     def batches(self) -> StageBatches:
         """The batch function both engines run this stage with."""
-        return StageBatches(self.name, self.factory, self.batch_size, self.arrow)
+        return StageBatches(*self.batch_arguments())
+
+    def batch_arguments(self) -> tuple:
+        return self.name, self.factory, self.batch_size, self.arrow, self.columns
 
 
 @dataclass

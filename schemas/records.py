@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 KEEP = "ok"
 DROP = "dropped"
+# What a dropped record no longer carries (`ImageRecord.dropped`): its image and what was computed from it.
+CLEARED_WHEN_DROPPED = ("image", "embedding", "dedup_embedding", "pixels", "tokens")
 
 
 def reason_kind(reason: str) -> str:
@@ -72,8 +74,8 @@ class ImageRecord(BaseModel):
         return self
 
     def dropped(self, stage: str, reason: str) -> "ImageRecord":
-        return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason, "image": None, "embedding": None,
-                                         "dedup_embedding": None, "pixels": None, "tokens": None})
+        return self.model_copy(update={"status": DROP, "stage": stage, "reason": reason,
+                                       **dict.fromkeys(CLEARED_WHEN_DROPPED)})
 
 
 def stored_type(annotation):

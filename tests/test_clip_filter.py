@@ -12,7 +12,7 @@ from filters import clip_loader
 from filters.clip_preprocess import ClipPreprocessor
 from filters.clip_scorer import ClipScoreFilter, ClipScorer, fit_clip_threshold
 from filters.dedup import DuplicateFilter
-from pipelines.batches import StageBatches, records_to_table, rows_to_records, score_columns
+from pipelines.batches import StageBatches, records_to_table, score_columns
 from schemas.config import ClipConfig, DedupConfig
 from schemas.errors import UserError
 from schemas.records import ImageRecord
@@ -98,8 +98,9 @@ def test_preprocessor_then_scorer_equals_the_scorer_alone(tiny):
 
 
 def test_ray_arrow_batches_are_scored_as_columns_with_the_record_paths_result(tiny):
-    # Ray's model actors get Arrow batches (often slices of a bigger table) and score their columns
-    # without building records; Beam's DoFn takes the record path. Both must write the same table.
+    # Both engines hand the scorer Arrow batches (often slices of a bigger table); it scores their columns
+    # without building records, and takes the record path for a batch the column path cannot score (a row
+    # without pixels). Both paths must write the same table.
     dedup = DedupConfig(embedding="clip_and_patch_tokens", crop_scales=[1.0, 0.9])
     broken = ImageRecord(uid="bad", url="http://x/bad.jpg", caption="c", image=b"not an image")
     prepared = ClipPreprocessor(tiny, dedup=dedup)(records(6) + [broken])
@@ -108,7 +109,7 @@ def test_ray_arrow_batches_are_scored_as_columns_with_the_record_paths_result(ti
     batches.setup()
     assert score_columns(batches.stage, table) is not None  # the column path is the one taken
     by_columns = batches(table)
-    by_records = records_to_table(batches.apply(rows_to_records(table.to_pylist())))
+    by_records = StageBatches("clip_score", partial(ClipScorer, tiny, dedup=dedup))(table)  # records, every field
     assert by_columns.equals(by_records)
     assert by_columns.column("uid").to_pylist() == [f"u{i}" for i in range(1, 6)] + ["bad"]
     assert by_columns.column("pixels").null_count == 6 and by_columns.column("clip_score").null_count == 1

@@ -15,8 +15,6 @@ import random
 import re
 from collections import defaultdict
 
-from filters.yes_no import answer_to_label
-
 _OBJECT = re.compile(r"^Is there (?:a|an) (.+) in the image\?$")  # POPE's question form
 
 

@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from pipelines.disk_dataset import save_dataset_dict
 from schemas.records import IMAGE_TOKEN
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def save_splits(rows_by_split: dict[str, SplitRows], features, out: Path, fill: 
         # datasets' default 500 MB, keep that small whatever the split's size (bench/publish.py); an empty
         # split still gets one shard, which load_from_disk needs.
         shards = {split: max(1, math.ceil(ds.data.nbytes / SHARD_BYTES)) for split, ds in splits.items()}
-        datasets.DatasetDict(splits).save_to_disk(str(out), num_shards=shards)
+        save_dataset_dict(splits, out, shards)  # save_to_disk's files, the cache streamed rather than mapped
     return {split: len(ds) for split, ds in splits.items()}
 
 

@@ -37,7 +37,7 @@ from filters.clip_loader import load_clip
 from filters.clip_preprocess import ClipPreprocessor, centre_crop, image_views
 from filters.clip_scorer import ClipScorer
 from infra.sample_world import captions_for, plan_scene, render_scene
-from pipelines.batches import RECORD_SCHEMA, StageBatches, rows_to_records, score_columns
+from pipelines.batches import RECORD_SCHEMA, StageBatches, score_columns
 from schemas.config import ClipConfig, DedupConfig, load_config
 from schemas.records import ImageRecord
 
@@ -58,11 +58,12 @@ def sample_rows(n: int) -> list[dict]:
 def measure(config: ClipConfig, dedup: DedupConfig, rows: list[dict], reps: int) -> dict:
     clip = load_clip(config)
     stage = StageBatches("clip_score", partial(ClipScorer, config, clip, dedup=dedup), arrow=score_columns)
-    cpu_half = StageBatches("clip_preprocess", partial(ClipPreprocessor, config, clip, dedup=dedup))
+    cpu_half = StageBatches("clip_preprocess", partial(ClipPreprocessor, config, clip, dedup=dedup),
+                            columns=ClipPreprocessor.columns)  # as the plan runs it (pipelines/stages.py)
     bs = config.batch_size
-    raw = [rows[i:i + bs] for i in range(0, len(rows) - bs + 1, bs)]
-    batches = [[r.model_dump() for r in cpu_half.apply(rows_to_records(b))] for b in raw]
-    tables = [pa.Table.from_pylist(b, schema=RECORD_SCHEMA) for b in batches]  # what Ray hands an actor
+    raw = [pa.Table.from_pylist(rows[i:i + bs], schema=RECORD_SCHEMA) for i in range(0, len(rows) - bs + 1, bs)]
+    tables = [cpu_half(b) for b in raw]  # what Ray hands a clip_score actor
+    batches = [t.to_pylist() for t in tables]
     views = image_views(dedup)
     decoded = [[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in b] for b in batches]
     pixels = [[torch.stack([clip.preprocess(centre_crop(im, s)) for im in b]) for s in views] for b in decoded]
@@ -92,7 +93,7 @@ def measure(config: ClipConfig, dedup: DedupConfig, rows: list[dict], reps: int)
 
     def preprocess() -> None:
         for b in some:
-            cpu_half.run(b)
+            cpu_half(b)
 
     bare(), pipeline(), preprocess()  # warm-up
     images = len(batches) * bs

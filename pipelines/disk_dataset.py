@@ -4,10 +4,13 @@ resident memory.
 datasets writes a generated split to a cache file and memory-maps it; `save_to_disk` then reads every row through
 that map, so each page of the split (at 100k images, trl_dpo's pairs carry several GB of image bytes) stays
 resident in the process until the dataset is dropped: page cache the kernel may reclaim, but counted in the
-process's RSS (and in a container's memory). `save_dataset_dict` reads the cache file as an Arrow stream instead,
-a record batch at a time into memory it frees, and writes the shards with datasets' own `ArrowWriter`, cut and
-batched exactly as `save_to_disk` cuts and batches them, so the folder is byte for byte what `save_to_disk`
-writes (tests/test_exports.py compares them) and `datasets.load_from_disk` reads it as usual.
+process's RSS (and in a container's memory). `save_dataset_dict` reads the cache files as Arrow streams instead,
+into memory it frees once written (at most about one of save_to_disk's write batches, which datasets sizes to
+~100 MB, whatever the split's size), and writes the shards with datasets' own `ArrowWriter`, cut and batched
+exactly as `save_to_disk` cuts and batches them, so the folder is byte for byte what `save_to_disk` writes
+(tests/test_disk_dataset.py compares them) and `datasets.load_from_disk` reads it as usual
+(bench/publish.py measures both RSS figures). It follows `save_to_disk` of the pinned datasets (requirements.txt);
+the test compares against the installed one, so an upgrade that writes other files fails there, not in a user's run.
 """
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ def save_split(split: "datasets.Dataset", out: Path, num_shards: int) -> None:
 
 
 class StreamedRows:
-    """Arrow IPC stream files read forward, `take(n)` rows at a time, about one record batch in memory at a time."""
+    """Arrow IPC stream files read forward, `take(n)` rows at a time, holding only the batches those rows are in."""
 
     def __init__(self, paths: list[str]):
         self.batches: Iterator[pa.RecordBatch] = _record_batches(paths)

@@ -60,8 +60,8 @@ def write_records(run_dir: Path, n: int) -> int:
                   "conversations": [{"from": "human", "value": f"<image>\nWhat is in picture {i}?"},
                                     {"from": "gpt", "value": f"Noise number {i}, seen as a {t}."}]} for t in TYPES]
         rows.append({"uid": uid, "url": f"http://127.0.0.1/{i}.png", "caption": f"noise {i}", "key": str(i),
-                     "status": "kept", "image": image, "clip_score": 0.3, "objects": "[]",
-                     "instructions": json.dumps(llava), "probes": "[]", "rejected_turns": "[]"})
+                     "status": "kept", "image": image, "clip_score": 0.3, "objects": None,
+                     "instructions": json.dumps(llava), "probes": None, "rejected_turns": "[]"})
     (run_dir / "records").mkdir(parents=True)
     for k in range(2):
         table = pa.Table.from_pylist(rows[k::2])

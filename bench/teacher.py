@@ -137,8 +137,8 @@ def stage_input(n: int) -> pa.Table:
         objects = [ObjectAnnotation(category=c, box=(0.1 * j, 0.2, 0.1 * j + 0.3, 0.6)) for j, c in enumerate(cats)]
         records.append(ImageRecord(uid=f"bench-{i:05d}", url=f"http://example.com/{i}.jpg",
                                    caption=f"Photo {i}: {', '.join(cats)}.", status=KEEP,
-                                   objects=json.dumps([o.model_dump() for o in objects])))
-    fitted = {"statistics": fit_object_statistics([[o["category"] for o in json.loads(r.objects)] for r in records]),
+                                   objects=objects))
+    fitted = {"statistics": fit_object_statistics([[o.category for o in r.objects] for r in records]),
               "selected": None}
     probed = AbsentObjectSampler(fitted, config.generate, config.objects, config.teacher.seed)(records).kept
     table = records_to_table([r.model_copy(update={"teacher_selected": True}) for r in probed])

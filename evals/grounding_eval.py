@@ -60,7 +60,7 @@ def evaluate_answers(rows: Iterable[dict], truth: dict[str, list], vocabulary: t
             unknown += 1
             continue
         counts = Counter(o.category for o in gt)
-        probes = json.loads(row["probes"] or "[]")
+        probes = row["probes"] or []
         for item in json.loads(row["instructions"] or "[]"):
             gpt = [t["value"] for t in item["conversations"] if t["from"] == "gpt"]
             human = [t["value"] for t in item["conversations"] if t["from"] == "human"]

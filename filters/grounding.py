@@ -151,8 +151,8 @@ class GroundingVerifier:
 
     def verify(self, record: ImageRecord) -> tuple[list[dict], list[dict]]:
         """(instructions with only grounded turns, rejected turns with reasons)."""
-        objects = [ObjectAnnotation.model_validate(o) for o in json.loads(record.objects or "[]")]
-        probes = json.loads(record.probes or "[]")
+        objects = list(record.objects or [])
+        probes = [probe.model_dump() for probe in record.probes or []]
         kept, rejected = [], []
         for item in json.loads(record.instructions or "[]"):
             verified, removed = self.verify_item(item, objects, probes)

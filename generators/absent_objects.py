@@ -19,26 +19,13 @@ rephrase the answer; the grounding verifier checks that the label and the object
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter
 from itertools import combinations
-from typing import Literal
-
-from pydantic import BaseModel
 
 from schemas.vocabulary import COCO_CATEGORIES, be, noun_phrase
 from schemas.config import GenerateConfig, ObjectsConfig
-from schemas.records import ImageRecord, ObjectAnnotation, StageResult
-
-
-class Probe(BaseModel):
-    question: str
-    label: Literal["yes", "no"]
-    answer: str  # the program's grounded answer; the teacher may rephrase it
-    kind: Literal["present", "absent", "count", "position"]
-    category: str
-    strategy: str | None = None  # random / popular / adversarial for absent-object probes
+from schemas.records import ImageRecord, ObjectAnnotation, Probe, StageResult
 
 
 Draft = tuple[Probe, list[str]]  # a probe and the phrasings of its answer, the first one in `answer`
@@ -51,7 +38,7 @@ def seeded_rng(*parts) -> random.Random:
 
 
 def record_objects(record: ImageRecord) -> list[ObjectAnnotation]:
-    return [ObjectAnnotation.model_validate(o) for o in json.loads(record.objects or "[]")]
+    return list(record.objects or [])
 
 
 def fit_object_statistics(object_lists: list[list[str]]) -> dict:
@@ -171,6 +158,6 @@ class AbsentObjectSampler:
         for record in records:
             probes = self.probes_for(record.uid, record_objects(record))
             result.kept.append(record.model_copy(update={
-                "probes": json.dumps([p.model_dump() for p in probes]),
+                "probes": probes,
                 "teacher_selected": self.selected is None or record.uid in self.selected}))
         return result

@@ -41,7 +41,7 @@ class InstructionGenerator:
         rng = seeded_rng(self.teacher.seed, record.uid)
         chosen = sorted(rng.sample(teacher_types, min(self.config.types_per_image, len(teacher_types))),
                         key=teacher_types.index)
-        return chosen + (["negatives"] if "negatives" in self.config.types and record.probes not in (None, "[]") else [])
+        return chosen + (["negatives"] if "negatives" in self.config.types and record.probes else [])
 
     def request(self, record: ImageRecord, kind: str, usage: TeacherUsage) -> TeacherRequest | None:
         """The teacher request for one type; None when the program writes it alone (negatives of an image
@@ -104,7 +104,7 @@ class InstructionGenerator:
 
 
 def probes_of(record: ImageRecord) -> list[Probe]:
-    return [Probe.model_validate(p) for p in json.loads(record.probes or "[]")]
+    return list(record.probes or [])
 
 
 def for_teacher(record: ImageRecord) -> bool:

@@ -8,7 +8,6 @@ asked of them.
 """
 from __future__ import annotations
 
-import json
 import threading
 
 from filters.object_tagger import ClipObjectTagger
@@ -52,5 +51,5 @@ class ObjectFinder:
             if found is None:
                 result.dropped.append(record.dropped(self.name, "no_objects:no annotation and no embedding to tag"))
             else:
-                result.kept.append(record.model_copy(update={"objects": json.dumps([o.model_dump() for o in found])}))
+                result.kept.append(record.model_copy(update={"objects": found}))
         return result

@@ -33,13 +33,17 @@ Stage = Callable[[list[ImageRecord]], StageResult]
 ArrowPath = Callable[[Any, pa.Table], "pa.Table | None"]
 
 
-def arrow_type(annotation) -> pa.DataType:
+def arrow_type(annotation, nested: bool = False) -> pa.DataType:
     """The Arrow type of a record field: numbers in 32 bits (sizes, CLIP scores and embeddings need no more),
-    nullable where the field is optional (every Arrow column is)."""
+    nullable where the field is optional (every Arrow column is); a model (an object, a probe) is a struct of its
+    fields, whose floats keep 64 bits (a box's corners read back exactly as they were computed)."""
     kind = stored_type(annotation)
-    if typing.get_origin(kind) is list:
-        return pa.list_(arrow_type(typing.get_args(kind)[0]))
-    return {str: pa.string(), int: pa.int32(), float: pa.float32(), bytes: pa.binary(), bool: pa.bool_()}[kind]
+    if typing.get_origin(kind) in (list, tuple):
+        return pa.list_(arrow_type(typing.get_args(kind)[0], nested))
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return pa.struct([(name, arrow_type(field.annotation, nested=True)) for name, field in kind.model_fields.items()])
+    return {str: pa.string(), int: pa.int32(), float: pa.float64() if nested else pa.float32(), bytes: pa.binary(),
+            bool: pa.bool_()}[kind]
 
 
 def arrow_schema(model: type[BaseModel]) -> pa.Schema:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +145,7 @@ def fit_probes(config: PipelineConfig, table: pa.Table) -> dict:
     """Object statistics over every live image, and which images the teacher writes for (generate.max_images);
     every image gets probes."""
     uids = table.column("uid").to_pylist()
-    objects = [[o["category"] for o in json.loads(text or "[]")] for text in table.column("objects").to_pylist()]
+    objects = [[o["category"] for o in found or []] for found in table.column("objects").to_pylist()]
     selected = None
     if config.generate.max_images is not None and len(uids) > config.generate.max_images:
         ranked = sorted(uids, key=lambda uid: hashlib.sha256(f"{config.teacher.seed}|{uid}".encode()).hexdigest())

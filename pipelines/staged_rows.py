@@ -72,10 +72,10 @@ def stage_rows(records_dir: Path, columns: list[str], path: Path, split_of: Call
                 rows.append({
                     "id": llava["id"], "split": split_of(record["uid"]),
                     "uid": record["uid"], "type": llava["type"], "caption": record["caption"],
-                    "clip_score": record["clip_score"], "objects": record["objects"] or "[]",
+                    "clip_score": record["clip_score"], "objects": json.dumps(record["objects"] or []),
                     "provenance": json.dumps(llava.get("provenance", {}), sort_keys=True, ensure_ascii=False),
                     "conversations": json.dumps([{"from": t["from"], "value": t["value"]} for t in llava["conversations"]]),
-                    "probes": record.get("probes") if negatives else None,
+                    "probes": json.dumps(record.get("probes") or []) if negatives else None,
                     "rejected_turns": record.get("rejected_turns") if negatives else None})
             if len(rows) >= CHUNK:
                 writer.write_batch(pa.RecordBatch.from_pylist(rows, STAGED))

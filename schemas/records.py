@@ -31,6 +31,37 @@ def reason_kind(reason: str) -> str:
     return kind
 
 
+class ObjectAnnotation(BaseModel):
+    """An object in an image: a category and a normalized box [x0, y0, x1, y1] in 0..1 (None for a CLIP tag)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: str
+    box: tuple[float, float, float, float] | None
+    score: float = Field(default=1.0, ge=0.0, le=1.0)
+    source: Literal["annotation", "clip_zero_shot"] = "annotation"
+
+    @model_validator(mode="after")
+    def _box_is_ordered_and_normalized(self) -> "ObjectAnnotation":
+        if self.box is None:
+            return self
+        x0, y0, x1, y1 = self.box
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise ValueError(f"box {self.box} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        return self
+
+
+class Probe(BaseModel):
+    """A program-labelled yes/no question about an image (generators/absent_objects.py writes them)."""
+
+    question: str
+    label: Literal["yes", "no"]
+    answer: str  # the program's grounded answer; the teacher may rephrase it
+    kind: Literal["present", "absent", "count", "position"]
+    category: str
+    strategy: str | None = None  # random / popular / adversarial for absent-object probes
+
+
 class ImageRecord(BaseModel):
     """One image-caption pair, from URL list row to validated image."""
 
@@ -57,12 +88,13 @@ class ImageRecord(BaseModel):
     # Between the CLIP stage's CPU half and its model half only (filters/clip_preprocess.py -> clip_scorer.py):
     pixels: bytes | None = Field(default=None, repr=False)  # uint8 [views, H, W, 3], resized for the model
     tokens: list[int] | None = Field(default=None, repr=False)  # the caption, tokenized for the model
-    # Generation columns, JSON text so every engine stores them alike (see generators/):
-    objects: str | None = None  # [ObjectAnnotation]
-    probes: str | None = None  # [Probe]: program-labelled yes/no questions
+    # Generation columns (see generators/): objects and probes as typed Arrow columns (lists of structs)
+    objects: list[ObjectAnnotation] | None = None
+    probes: list[Probe] | None = None  # program-labelled yes/no questions
     # Set by the probes stage: whether generate.max_images picked this image for the teacher (False: it
     # keeps only its probes, in the program's phrasings).
     teacher_selected: bool | None = None
+    # JSON text: an item's provenance, a rejected turn's fields and the usage counts differ by type and teacher
     instructions: str | None = None  # [LLaVA record]: {id, type, conversations, provenance}
     rejected_turns: str | None = None  # [{type, reason, question, answer}] the grounding verifier removed
     teacher_usage: str | None = None  # TeacherUsage.to_dict() for this image's requests
@@ -112,28 +144,8 @@ class PublishedRow(BaseModel):
     uid: str  # the image's record
     caption: str | None = None
     clip_score: float | None = None
-    objects: str = "[]"  # JSON text, as the pipeline wrote it
+    objects: str = "[]"  # JSON text of the record's objects ([ObjectAnnotation], as the objects stage found them)
     provenance: str = "{}"  # JSON text (sorted keys)
-
-
-class ObjectAnnotation(BaseModel):
-    """An object in an image: a category and a normalized box [x0, y0, x1, y1] in 0..1 (None for a CLIP tag)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    category: str
-    box: tuple[float, float, float, float] | None
-    score: float = Field(default=1.0, ge=0.0, le=1.0)
-    source: Literal["annotation", "clip_zero_shot"] = "annotation"
-
-    @model_validator(mode="after")
-    def _box_is_ordered_and_normalized(self) -> "ObjectAnnotation":
-        if self.box is None:
-            return self
-        x0, y0, x1, y1 = self.box
-        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-            raise ValueError(f"box {self.box} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
-        return self
 
 
 IMAGE_TOKEN = "<image>"  # where a sample's image goes: LLaVA's placeholder, and the trainer's (trainer/conversation.py)

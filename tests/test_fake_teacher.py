@@ -51,7 +51,7 @@ def test_a_new_teacher_type_is_one_registration_away(monkeypatch):
                            turns=lambda answer, rng: [("How many objects are there?", answer.answer)])
     monkeypatch.setitem(TEACHER_TYPES, "counting", counting)
     records = [ImageRecord(uid=f"u{i}", url=f"http://x/{i}.jpg", caption=caption, teacher_selected=True,
-                           objects=json.dumps([o.model_dump() for o in OBJECTS]))
+                           objects=list(OBJECTS))
                for i, caption in enumerate(["A cup on a table.", "A cup, and maybe a dog."])]
 
     def answer(request, seed):  # a teacher that sees a dog where the caption guesses one

@@ -23,7 +23,7 @@ def obj(category: str, x0: float = 0.1, x1: float = 0.2) -> ObjectAnnotation:
 
 def record(uid: str, objects: list[ObjectAnnotation], **extra) -> ImageRecord:
     return ImageRecord(uid=uid, url=f"http://x/{uid}.jpg", caption="c",
-                       objects=json.dumps([o.model_dump() for o in objects]), **extra)
+                       objects=objects, **extra)
 
 
 # A dataset where 'person' is the most frequent category and 'fork' co-occurs most with 'cup'.
@@ -78,7 +78,7 @@ def test_every_image_gets_probes_and_selection_only_marks_the_teachers_images():
     result = s([record("keep", [obj("cup")]), record("skip", [obj("cup")])])
     assert not result.dropped
     assert [(r.uid, r.teacher_selected) for r in result.kept] == [("keep", True), ("skip", False)]
-    assert all(json.loads(r.probes) for r in result.kept)
+    assert all(r.probes for r in result.kept)
 
 
 def random_objects(i: int) -> list[ObjectAnnotation]:
@@ -120,7 +120,7 @@ def test_verifier_removes_ungrounded_turns_with_reasons_and_keeps_the_rest():
                                ("Any fruit?", "Yes, a banana, but no apple.")]),  # negated apple is fine
         llava("negatives", [("Is there a dog in the image?", "Yes, a dog.")]),  # label flipped
     ]
-    r = record("u", objects, instructions=json.dumps(instructions), probes=json.dumps(probes))
+    r = record("u", objects, instructions=json.dumps(instructions), probes=probes)
     result = GroundingVerifier()([r])
     kept = json.loads(result.kept[0].instructions)
     conversation = kept[0]["conversations"]
@@ -145,7 +145,7 @@ def verify_turn(answer: str, objects: list[ObjectAnnotation], probe: dict | None
     kind = "negatives" if probe else "conversation"
     question = probe["question"] if probe else "What is there?"
     r = record("u", objects, instructions=json.dumps([llava(kind, [(question, answer)])]),
-               probes=json.dumps([probe] if probe else []))
+               probes=[probe] if probe else [])
     kept, rejected = GroundingVerifier().verify(r)
     return (kept[0]["conversations"][1]["value"] if kept else None), [t["reason"] for t in rejected]
 
@@ -236,7 +236,7 @@ def test_images_not_selected_get_program_negatives_that_pass_the_verifier():
         assert negatives["type"] == "negatives" and json.loads(r.teacher_usage)["requests"] == 0
         answers = [t["value"] for t in negatives["conversations"][1::2]]
         labels, kinds = negatives["provenance"]["probe_labels"], negatives["provenance"]["probe_kinds"]
-        assert labels == [p["label"] for p in json.loads(r.probes)] and len(kinds) == len(answers) == len(labels)
+        assert labels == [p.label for p in r.probes] and len(kinds) == len(answers) == len(labels)
         assert [opening_yes_no(a) for a in answers] == [answer_to_label(a) for a in answers] == labels
 
 
@@ -245,7 +245,7 @@ def selected_record() -> ImageRecord:
     fitted = {"statistics": fit_object_statistics(DATASET), "selected": None}
     (probed,) = AbsentObjectSampler(fitted, GenerateConfig(probes_per_image=8), ObjectsConfig())(
         [record("s", objects)]).kept
-    assert probed.teacher_selected and len(json.loads(probed.probes)) == 8
+    assert probed.teacher_selected and len(probed.probes) == 8
     return probed
 
 
@@ -253,7 +253,7 @@ def test_the_teacher_rewords_only_the_first_probes_and_labels_stay_aligned():
     r, g = selected_record(), generator(types=["negatives"], rephrase_per_image=4)
     request = g.request(r, "negatives", TeacherUsage())
     assert "\n4. " in request.messages[-1]["content"] and "\n5. " not in request.messages[-1]["content"]
-    probes = json.loads(r.probes)
+    probes = [p.model_dump() for p in r.probes]
     teacher = request.output(answers=["Yes, there is no person in the image.", "Question 2: No.",
                                       "The answer is yes.", "No, I can see two cups."])
     negatives = g.assemble(r, "negatives", teacher)

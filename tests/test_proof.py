@@ -44,8 +44,8 @@ def published_version(run_dir, images: int = 24):
                    for k, name in enumerate(rng.sample(NAMES, rng.randint(1, 4)))]
         records.append(ImageRecord(uid=f"{i:016x}", url=f"http://127.0.0.1/{i}.jpg", caption=f"picture {i}",
                                    image=jpeg(i), width=48, height=40,
-                                   objects=json.dumps([o.model_dump() for o in objects])))
-    fitted = {"statistics": fit_object_statistics([[o["category"] for o in json.loads(r.objects)] for r in records]),
+                                   objects=objects))
+    fitted = {"statistics": fit_object_statistics([[o.category for o in r.objects] for r in records]),
               "selected": []}
     probed = AbsentObjectSampler(fitted, GenerateConfig(probes_per_image=8), ObjectsConfig())(records).kept
     generated = InstructionGenerator(TeacherConfig(), GenerateConfig(), "http://127.0.0.1:9/v1", None)(probed).kept

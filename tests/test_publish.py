@@ -45,7 +45,7 @@ def record(i: int, types=TYPES) -> dict:
             "width": 40 + i, "height": 30 + i, "status": "kept", "reason": None, "stage": None,
             "image": encoded((40 + i, 30 + i), (200, 10 * i, 10), "PNG" if i == 3 else "JPEG"),
             "clip_score": 0.2 + 0.01 * i, "embedding": [0.1, 0.2],
-            "objects": json.dumps([{"category": "cup", "box": [0.1, 0.1, 0.5, 0.5], "score": 1.0, "source": "annotation"}]),
+            "objects": [{"category": "cup", "box": [0.1, 0.1, 0.5, 0.5], "score": 1.0, "source": "annotation"}],
             "instructions": json.dumps(llava),
             "rejected_turns": json.dumps([{"type": "detail", "reason": "absent:dog", "question": "q", "answer": "a"}])}
 
